@@ -82,6 +82,15 @@ class FrontEndConfig:
                                 help="refresh the background every this many frames (0: never)")
     threshold: float = opt(2.0, lo=0, help="foreground threshold |frame - bg| > T [grey levels]")
     smooth_sigma: float = opt(1.0, lo=0, help="blur of the difference image before thresholding [px]")
+    seed_threshold: float = opt(0.0, lo=0, help="seed (high) threshold on the raw difference "
+                                "[grey levels]; 0: auto = max(2 T, 4.5 noise sd, 3)")
+    seed_min_px: int = opt(3, lo=1, help="fewest seed pixels that open a region (noise below) [px]")
+    roi_margin: int = opt(6, lo=0, help="region grown around each seed blob [px]")
+    polarity: Literal["both", "dark", "bright"] = opt(
+        "both", help="foreground is |frame - bg| > T (both), frame - bg < -T (dark) or > T (bright)")
+    illumination: bool = opt(True, help="subtract each frame's median offset from the background")
+    rejoin_min_deform: float = opt(0.1, lo=0, hi=1, help="a part needs deformation >= this "
+                                   "(low circularity) to be re-joined")
     min_area: int = opt(50, lo=1, help="drop blobs smaller than this [px²]")
     max_area: int = opt(5000, lo=1, help="drop blobs larger than this [px²]")
     rejoin: bool = opt(True, help="re-join a cell split in two (report §3.6.1)")
@@ -97,6 +106,16 @@ class TrackerConfig:
     max_back_px: float = opt(2.0, lo=0, help="largest backwards step allowed [px]")
     min_frames: int = opt(5, lo=1, help="shorter tracks are discarded as noise")
     edge_margin: float = opt(4.0, lo=0, help="distance from the image edge that counts as entry/exit [px]")
+    predictor: Literal["flow", "velocity", "null"] = opt(
+        "flow", help="motion model: learned channel flow, constant velocity, or none")
+    assign: Literal["lsa", "greedy"] = opt(
+        "lsa", help="conflict resolution: joint assignment per subnet, or nearest first")
+    prior_vx: float = opt(0.0, help="velocity assumed where the flow is not known yet [px/frame]")
+    gate_growth: float = opt(0.25, lo=0, help="gate grows by this fraction per missed frame")
+    flow_bin_px: float = opt(8.0, lo=0, lo_open=True, help="grid cell of the learned flow field [px]")
+    max_subnet: int = opt(12, lo=1, help="larger conflicts are solved greedily and counted ambiguous")
+    merge_area_ratio: float = opt(1.4, lo=1, help="a blob this much larger than a cell may hold two cells")
+    min_travel_px: float = opt(5.0, lo=0, help="tracks that move less are dropped as static debris [px]")
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,7 @@ class ClipConfig:
         "fixed", help="fixed canvas centred on the cell, or the report's box resized")
     size: int = opt(64, lo=8, help="canvas side [px]")
     max_frames: int = opt(512, lo=1, help="longest clip kept; longer tracks are truncated")
+    bbox_pad: int = opt(2, lo=0, help="margin around the square box in bbox-resize mode [px]")
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,7 @@ class ModelConfig:
 class ServingConfig:
     host: str = opt("127.0.0.1", help="bind address; non-local addresses require CURVE keys")
     port: int = opt(0, lo=0, hi=65535, help="dispatcher port (0: pick a free one)")
+    pub_port: int = opt(0, lo=0, hi=65535, help="live predictions PUB port (0: pick a free one)")
     workers: int = opt(1, lo=0, help="local inference workers to start")
     max_batch: int = opt(8, lo=1, help="largest micro-batch")
     max_wait_ms: float = opt(5.0, lo=0, help="longest wait to fill a micro-batch [ms]")
@@ -127,6 +148,7 @@ class ServingConfig:
     spill_dir: str = opt("", help="where spilled clips go (empty: <out>/spill)")
     heartbeat_ms: float = opt(500.0, lo=1, help="worker heartbeat period [ms]")
     worker_timeout_ms: float = opt(3000.0, lo=1, help="a silent worker is declared dead after [ms]")
+    max_attempts: int = opt(3, lo=1, help="sends of one clip before it is answered with an error")
     max_message_bytes: int = opt(64 * 1024 * 1024, lo=1024, help="largest accepted message [bytes]")
     curve_keys: str = opt("", help="folder with CURVE keys (fmh keys); required off-host")
 
@@ -149,6 +171,26 @@ class SimConfig:
     speed_px_per_frame: float = opt(6.0, lo=0, lo_open=True,
                                     help="cell speed in the constriction [px/frame]")
     cell_diameter_px: float = opt(30.0, lo=4, help="mean cell diameter [px]")
+    diameter_sd_px: float = opt(2.0, lo=0, help="spread of cell diameters within a class [px]")
+    fetal_size_ratio: float = opt(1.05, lo=0, lo_open=True,
+                                  help="mean fetal / mean maternal cell diameter")
+    speed_exponent: float = opt(0.5, lo=0,
+                                help="speed ~ (constriction width / local width)^exponent")
+    min_gap_px: float = opt(3.0, lo=0, help="closest approach of two cells along x [px]")
+    deform_maternal: float = opt(0.48, lo=0, hi=0.9,
+                                 help="maternal deformation (a-b)/(a+b) in the constriction")
+    deform_fetal: float = opt(0.42, lo=0, hi=0.9,
+                              help="fetal deformation (a-b)/(a+b) in the constriction")
+    deform_sd: float = opt(0.03, lo=0, help="per-cell spread of the deformation")
+    shape_noise: float = opt(0.015, lo=0, help="frame-to-frame jitter of the deformation")
+    relax_frames_maternal: float = opt(5.0, lo=0, lo_open=True,
+                                       help="maternal shape relaxation time after the constriction [frames]")
+    relax_frames_fetal: float = opt(12.0, lo=0, lo_open=True,
+                                    help="fetal shape relaxation time after the constriction [frames]")
+    relax_sd: float = opt(0.25, lo=0, help="relative per-cell spread of the relaxation time")
+    split_fraction: float = opt(0.15, lo=0, hi=1,
+                                help="cells whose centre and ends fade to background when squeezed")
+    warmup_frames: int = opt(400, lo=0, help="frames simulated before frame 0 so cells are in view")
 
 
 @dataclass(frozen=True)

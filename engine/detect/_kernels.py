@@ -1,0 +1,644 @@
+"""Numba kernels of the front end: threshold to runs, union-find labelling, per-blob statistics.
+
+Every kernel is ``@njit(cache=True, nogil=True)``, takes arrays and returns arrays (or fills
+caller-owned ones) and trusts its inputs: the Python wrappers in :mod:`engine.detect.blobs`
+and :mod:`engine.detect.frontend` validate shapes and dtypes.
+
+Conventions
+-----------
+* A *run* is one row segment of foreground pixels, stored as ``(y, x0, x1)`` with ``x1``
+  exclusive, in raster order (rows ascending, ``x0`` ascending within a row).
+* Labelling uses **8-connectivity** (pixels touching by an edge or a corner are one blob),
+  the same as ``scipy.ndimage.label(mask, structure=np.ones((3, 3)))``.
+* Pixel centres are at integer coordinates: the centroid of the single pixel ``img[y, x]`` is
+  ``(x, y)``.
+* Statistics rows (``NSTAT`` columns, float64) hold raw sums so that two blobs can be merged
+  exactly: see the ``S_*`` column indices below.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# Columns of a statistics row (raw sums; derived values come from finish_stats).
+S_AREA, S_SX, S_SY, S_SXX, S_SYY, S_SXY, S_BRIGHT, S_X0, S_Y0, S_X1, S_Y1, S_PERIM, \
+    S_STRONG, S_PARTS = range(14)
+NSTAT = 14
+
+# Columns of a finished row (finish_stats).
+F_AREA, F_CX, F_CY, F_X0, F_Y0, F_X1, F_Y1, F_PERIM, F_DEFORM, F_MAJOR, F_MINOR, F_ORIENT, \
+    F_BRIGHT, F_PARTS = range(14)
+NFIN = 14
+
+_SQRT2 = math.sqrt(2.0)
+
+
+def _perimeter_weights() -> np.ndarray:
+    """Weights of the border-pixel configurations (skimage.measure.perimeter, 4-neighbourhood).
+
+    A border pixel's code is ``1 + 2 * (4-neighbours on the border) + 10 * (diagonal
+    neighbours on the border)``; straight and corner configurations weigh 1, diagonal ones
+    sqrt(2), mixed ones (1 + sqrt(2)) / 2 (Benkrid et al. 2000, as implemented in
+    scikit-image ``measure._regionprops_utils.perimeter``).
+    """
+    w = np.zeros(50, np.float64)
+    for c in (5, 7, 15, 17, 25, 27):
+        w[c] = 1.0
+    for c in (21, 33):
+        w[c] = _SQRT2
+    for c in (13, 23):
+        w[c] = (1.0 + _SQRT2) / 2.0
+    return w
+
+
+PERIM_WEIGHTS = _perimeter_weights()
+
+
+# ------------------------------------------------------------------------------------------
+# Runs
+# ------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def mask_runs(mask, runs):
+    """Row runs of the non-zero pixels of ``mask`` (uint8/bool, (H, W)) into ``runs`` (n, 3).
+
+    Returns the number of runs written; stops (returns -1) when ``runs`` is full.
+    """
+    H, W = mask.shape
+    n = 0
+    cap = runs.shape[0]
+    for y in range(H):
+        x = 0
+        while x < W:
+            if mask[y, x]:
+                s = x
+                while x < W and mask[y, x]:
+                    x += 1
+                if n >= cap:
+                    return -1
+                runs[n, 0] = y
+                runs[n, 1] = s
+                runs[n, 2] = x
+                n += 1
+            else:
+                x += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def threshold_runs(img, lo, hi, off, runs, chunk_any):
+    """Runs of the pixels with ``img - off < lo`` or ``img - off > hi`` over the whole frame.
+
+    ``lo``/``hi`` are int16 (H, W) per-pixel bounds (the background with the threshold folded
+    in), ``off`` an integer illumination offset of this frame [grey levels]. The frame is
+    tested in chunks of 16 pixels with a branch-free OR first, so empty chunks cost one
+    vectorised pass. ``chunk_any`` is scratch of at least ``ceil(W / 16)`` uint8.
+
+    Returns the number of runs, or -1 when ``runs`` overflowed.
+    """
+    H, W = img.shape
+    n = 0
+    cap = runs.shape[0]
+    nchunk = (W + 15) // 16
+    for y in range(H):
+        row = img[y]
+        rlo = lo[y]
+        rhi = hi[y]
+        anyrow = 0
+        for c in range(nchunk):
+            a = c * 16
+            b = min(a + 16, W)
+            acc = 0
+            for x in range(a, b):
+                v = np.int16(row[x]) - off
+                acc |= (v < rlo[x]) | (v > rhi[x])
+            chunk_any[c] = acc
+            anyrow |= acc
+        if anyrow == 0:
+            continue
+        inrun = False
+        s = 0
+        for c in range(nchunk):
+            a = c * 16
+            b = min(a + 16, W)
+            if chunk_any[c] == 0:
+                if inrun:
+                    if n >= cap:
+                        return -1
+                    runs[n, 0] = y
+                    runs[n, 1] = s
+                    runs[n, 2] = a
+                    n += 1
+                    inrun = False
+                continue
+            for x in range(a, b):
+                v = np.int16(row[x]) - off
+                f = (v < rlo[x]) | (v > rhi[x])
+                if f:
+                    if not inrun:
+                        inrun = True
+                        s = x
+                elif inrun:
+                    if n >= cap:
+                        return -1
+                    runs[n, 0] = y
+                    runs[n, 1] = s
+                    runs[n, 2] = x
+                    n += 1
+                    inrun = False
+        if inrun:
+            if n >= cap:
+                return -1
+            runs[n, 0] = y
+            runs[n, 1] = s
+            runs[n, 2] = W
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------
+# Union-find on runs
+# ------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True, inline="always")
+def _find(parent, i):
+    r = i
+    while parent[r] != r:
+        r = parent[r]
+    while parent[i] != r:   # path compression
+        nxt = parent[i]
+        parent[i] = r
+        i = nxt
+    return r
+
+
+@njit(cache=True, nogil=True)
+def label_runs(runs, n, conn8, run_label):
+    """Connected components of ``n`` raster-ordered runs; fills ``run_label`` (0-based).
+
+    Two runs on adjacent rows are connected when they overlap (4-connectivity) or overlap
+    or touch diagonally (8-connectivity, ``conn8=True``). The union keeps the smaller run
+    index as root, so labels come out in raster order of each blob's first pixel (the
+    order of ``scipy.ndimage.label``). Returns the number of labels.
+    """
+    parent = np.arange(n)
+    d = 1 if conn8 else 0
+    prev_s = 0
+    prev_e = 0
+    i = 0
+    while i < n:
+        y = runs[i, 0]
+        j = i
+        while j < n and runs[j, 0] == y:
+            j += 1
+        if prev_e > prev_s and runs[prev_s, 0] == y - 1:
+            p = prev_s
+            for c in range(i, j):
+                cx0 = runs[c, 1]
+                cx1 = runs[c, 2]
+                while p < prev_e and runs[p, 2] + d <= cx0:
+                    p += 1
+                q = p
+                while q < prev_e and runs[q, 1] < cx1 + d:
+                    ra = _find(parent, c)
+                    rb = _find(parent, q)
+                    if ra < rb:
+                        parent[rb] = ra
+                    elif rb < ra:
+                        parent[ra] = rb
+                    q += 1
+        prev_s = i
+        prev_e = j
+        i = j
+    k = 0
+    for r in range(n):
+        root = _find(parent, r)
+        if root == r:
+            run_label[r] = k
+            k += 1
+        else:
+            run_label[r] = run_label[root]
+    return k
+
+
+@njit(cache=True, nogil=True)
+def paint_labels(runs, n, run_label, out, y0, x0):
+    """Write ``run_label + 1`` of each run into ``out`` (int32), shifted by (y0, x0)."""
+    for r in range(n):
+        y = runs[r, 0] - y0
+        lab = run_label[r] + 1
+        for x in range(runs[r, 1] - x0, runs[r, 2] - x0):
+            out[y, x] = lab
+
+
+# ------------------------------------------------------------------------------------------
+# Statistics
+# ------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _s2(m):
+    """Sum of x^2 for x = 0..m (m >= -1)."""
+    return m * (m + 1.0) * (2.0 * m + 1.0) / 6.0
+
+
+@njit(cache=True, nogil=True)
+def accumulate_runs(runs, n, run_label, k, img, use_img, stats, row0):
+    """Add area, first and second moments, box and brightness of each run to its label.
+
+    ``stats[row0 + label]`` rows are initialised here. ``img`` gives the brightness when
+    ``use_img`` (otherwise brightness stays 0).
+    """
+    for lab in range(k):
+        s = stats[row0 + lab]
+        for c in range(NSTAT):
+            s[c] = 0.0
+        s[S_X0] = 1e18
+        s[S_Y0] = 1e18
+        s[S_X1] = -1e18
+        s[S_Y1] = -1e18
+        s[S_PARTS] = 1.0
+    for r in range(n):
+        s = stats[row0 + run_label[r]]
+        y = float(runs[r, 0])
+        a = runs[r, 1]
+        b = runs[r, 2]
+        ln = float(b - a)
+        sx = (a + b - 1.0) * ln / 2.0
+        s[S_AREA] += ln
+        s[S_SX] += sx
+        s[S_SY] += y * ln
+        s[S_SXX] += _s2(b - 1.0) - _s2(a - 1.0)
+        s[S_SYY] += y * y * ln
+        s[S_SXY] += y * sx
+        if a < s[S_X0]:
+            s[S_X0] = a
+        if b > s[S_X1]:
+            s[S_X1] = b
+        if y < s[S_Y0]:
+            s[S_Y0] = y
+        if y + 1 > s[S_Y1]:
+            s[S_Y1] = y + 1
+        if use_img:
+            acc = 0
+            row = img[runs[r, 0]]
+            for x in range(a, b):
+                acc += row[x]
+            s[S_BRIGHT] += acc
+
+
+@njit(cache=True, nogil=True)
+def perimeter_from_labels(lab, stats, row0, weights):
+    """Add the border-configuration perimeter of every label in ``lab`` to ``stats``.
+
+    ``lab`` is an int32 label image (0 = background, label L -> ``stats[row0 + L - 1]``);
+    pixels outside ``lab`` count as background. The estimator is scikit-image's
+    ``measure.perimeter`` with the 4-neighbourhood, applied to each label on its own.
+    """
+    H, W = lab.shape
+    border = np.zeros((H, W), np.uint8)
+    for y in range(H):
+        for x in range(W):
+            L = lab[y, x]
+            if L == 0:
+                continue
+            if (y == 0 or lab[y - 1, x] != L or y == H - 1 or lab[y + 1, x] != L
+                    or x == 0 or lab[y, x - 1] != L or x == W - 1 or lab[y, x + 1] != L):
+                border[y, x] = 1
+    for y in range(H):
+        for x in range(W):
+            if border[y, x] == 0:
+                continue
+            L = lab[y, x]
+            code = 1
+            for dy in range(-1, 2):
+                yy = y + dy
+                if yy < 0 or yy >= H:
+                    continue
+                for dx in range(-1, 2):
+                    if dx == 0 and dy == 0:
+                        continue
+                    xx = x + dx
+                    if xx < 0 or xx >= W:
+                        continue
+                    if border[yy, xx] and lab[yy, xx] == L:
+                        code += 2 if (dx == 0 or dy == 0) else 10
+            if code < weights.shape[0]:
+                stats[row0 + L - 1, S_PERIM] += weights[code]
+
+
+@njit(cache=True, nogil=True)
+def finish_stats(stats, n, out):
+    """Derived values of ``n`` statistics rows into ``out`` (n, NFIN).
+
+    Centroid [px], half-open box, perimeter [px], deformation ``1 - 2 sqrt(pi A) / P``,
+    full axes of the inertia ellipse [px] (4 sqrt of the eigenvalues of the central second
+    moments per pixel), orientation [rad] of the major axis from +x (y down), mean brightness.
+    """
+    for i in range(n):
+        s = stats[i]
+        a = s[S_AREA]
+        cx = s[S_SX] / a
+        cy = s[S_SY] / a
+        # central second moments per pixel, +1/12 for the pixel's own extent
+        mxx = s[S_SXX] / a - cx * cx + 1.0 / 12.0
+        myy = s[S_SYY] / a - cy * cy + 1.0 / 12.0
+        mxy = s[S_SXY] / a - cx * cy
+        tr = 0.5 * (mxx + myy)
+        det = math.sqrt(max(0.25 * (mxx - myy) ** 2 + mxy * mxy, 0.0))
+        l1 = tr + det
+        l2 = max(tr - det, 0.0)
+        o = out[i]
+        o[F_AREA] = a
+        o[F_CX] = cx
+        o[F_CY] = cy
+        o[F_X0] = s[S_X0]
+        o[F_Y0] = s[S_Y0]
+        o[F_X1] = s[S_X1]
+        o[F_Y1] = s[S_Y1]
+        p = s[S_PERIM]
+        o[F_PERIM] = p
+        o[F_DEFORM] = 1.0 - 2.0 * math.sqrt(math.pi * a) / p if p > 0 else 0.0
+        o[F_MAJOR] = 4.0 * math.sqrt(l1)
+        o[F_MINOR] = 4.0 * math.sqrt(l2)
+        o[F_ORIENT] = 0.5 * math.atan2(2.0 * mxy, mxx - myy)
+        o[F_BRIGHT] = s[S_BRIGHT] / a
+        o[F_PARTS] = s[S_PARTS]
+
+
+@njit(cache=True, nogil=True)
+def _ratio(s):
+    """Inertia ratio minor/major (0..1) of a statistics row."""
+    a = s[S_AREA]
+    cx = s[S_SX] / a
+    cy = s[S_SY] / a
+    mxx = s[S_SXX] / a - cx * cx + 1.0 / 12.0
+    myy = s[S_SYY] / a - cy * cy + 1.0 / 12.0
+    mxy = s[S_SXY] / a - cx * cy
+    tr = 0.5 * (mxx + myy)
+    det = math.sqrt(max(0.25 * (mxx - myy) ** 2 + mxy * mxy, 0.0))
+    l1 = tr + det
+    l2 = max(tr - det, 0.0)
+    if l1 <= 0:
+        return 1.0
+    return math.sqrt(l2 / l1)
+
+
+@njit(cache=True, nogil=True)
+def _deform(s):
+    p = s[S_PERIM]
+    if p <= 0:
+        return 0.0
+    return 1.0 - 2.0 * math.sqrt(math.pi * s[S_AREA]) / p
+
+
+@njit(cache=True, nogil=True)
+def rejoin(stats, n, max_gap, min_deform, min_area, max_area, alive):
+    """Merge parts of one cell that the threshold split (report §3.6.1); returns merges made.
+
+    Two blobs are merged when (i) their boxes are at most ``max_gap`` px apart (overlapping
+    boxes have gap 0), (ii) at least one of them looks like a part -- low circularity
+    (deformation >= ``min_deform``) or smaller than ``min_area`` -- and (iii) the union is
+    more compact than either part: its inertia ratio (minor/major axis) is larger than both
+    parts' and its area is at most ``max_area``. Two whole neighbouring cells fail (ii) or (iii)
+    (their union is elongated), so they stay apart. The pair with the most compact union is
+    merged first, then the search repeats. Merged rows add their sums (the perimeter is the
+    sum of the parts' perimeters); ``alive[i]`` is cleared for rows merged away.
+    """
+    merged = 0
+    tmp = np.empty(NSTAT, np.float64)
+    while True:
+        best = -1.0
+        bi = -1
+        bj = -1
+        for i in range(n):
+            if not alive[i]:
+                continue
+            si = stats[i]
+            for j in range(i + 1, n):
+                if not alive[j]:
+                    continue
+                sj = stats[j]
+                gap = max(0.0, sj[S_X0] - si[S_X1], si[S_X0] - sj[S_X1],
+                          sj[S_Y0] - si[S_Y1], si[S_Y0] - sj[S_Y1])
+                if gap > max_gap:
+                    continue
+                if si[S_AREA] + sj[S_AREA] > max_area:
+                    continue
+                parti = _deform(si) >= min_deform or si[S_AREA] < min_area
+                partj = _deform(sj) >= min_deform or sj[S_AREA] < min_area
+                if not (parti or partj):
+                    continue
+                for c in range(NSTAT):
+                    tmp[c] = si[c] + sj[c]
+                tmp[S_X0] = min(si[S_X0], sj[S_X0])
+                tmp[S_Y0] = min(si[S_Y0], sj[S_Y0])
+                tmp[S_X1] = max(si[S_X1], sj[S_X1])
+                tmp[S_Y1] = max(si[S_Y1], sj[S_Y1])
+                ru = _ratio(tmp)
+                if ru <= _ratio(si) or ru <= _ratio(sj):
+                    continue
+                if ru > best:
+                    best = ru
+                    bi = i
+                    bj = j
+        if bi < 0:
+            return merged
+        si = stats[bi]
+        sj = stats[bj]
+        x0 = min(si[S_X0], sj[S_X0])
+        y0 = min(si[S_Y0], sj[S_Y0])
+        x1 = max(si[S_X1], sj[S_X1])
+        y1 = max(si[S_Y1], sj[S_Y1])
+        for c in range(NSTAT):
+            si[c] += sj[c]
+        si[S_X0] = x0
+        si[S_Y0] = y0
+        si[S_X1] = x1
+        si[S_Y1] = y1
+        alive[bj] = False
+        merged += 1
+
+
+# ------------------------------------------------------------------------------------------
+# The whole frame
+# ------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def illumination_offset(img, bgi, sample_idx, hist):
+    """Median of ``img - bgi`` over the flat pixel indices ``sample_idx`` [grey levels, int].
+
+    ``bgi`` is the rounded background (int16). A 511-bin histogram gives the median without
+    sorting; cells cover a minority of the samples, so they do not move it.
+    """
+    for i in range(511):
+        hist[i] = 0
+    W = img.shape[1]
+    m = sample_idx.shape[0]
+    for i in range(m):
+        k = sample_idx[i]
+        y = k // W
+        x = k - y * W
+        hist[np.int32(img[y, x]) - np.int32(bgi[y, x]) + 255] += 1
+    half = (m + 1) // 2
+    acc = 0
+    for i in range(511):
+        acc += hist[i]
+        if acc >= half:
+            return i - 255
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def detect_frame(img, lo, hi, bg_s, kern, thr_dark, thr_bright, off, margin, min_seed, conn8,
+                 runs, run_label, chunk_any, stats, weights):
+    """Find the blobs of one frame: seeds, regions of interest, smoothed threshold, labels.
+
+    1. *Seeds*: runs of pixels far from the background (``img - off`` outside
+       ``[lo, hi]``, a high threshold), labelled; seed blobs with fewer than ``min_seed``
+       pixels are noise.
+    2. *Regions*: each seed blob's box grown by ``margin`` px; overlapping regions merged.
+    3. In each region, the frame is smoothed with the separable integer kernel ``kern``
+       (binomial, sum ``K``), compared with the equally smoothed background ``bg_s``
+       (int64, scaled by ``K*K``): with ``d = smooth(img) - off*K*K - bg_s``, foreground
+       where ``d < -thr_dark`` or ``d > thr_bright`` (the low threshold scaled by ``K*K``;
+       a huge value switches a polarity off). Components are labelled, measured
+       (moments on the raw pixel grid, brightness from ``img``, perimeter) and kept when they
+       contain at least one seed pixel (hysteresis).
+
+    Returns the number of rows written to ``stats`` (raw sums, see ``S_*``); -1 when a
+    buffer overflowed (the caller grows them and calls again).
+    """
+    H, W = img.shape
+    # ---- 1. seeds
+    ns = threshold_runs(img, lo, hi, off, runs, chunk_any)
+    if ns < 0:
+        return -1
+    if ns == 0:
+        return 0
+    k = label_runs(runs, ns, conn8, run_label)
+    # seed boxes and counts
+    sb = np.empty((k, 5), np.int64)   # x0, y0, x1, y1, count
+    for i in range(k):
+        sb[i, 0] = W
+        sb[i, 1] = H
+        sb[i, 2] = 0
+        sb[i, 3] = 0
+        sb[i, 4] = 0
+    for r in range(ns):
+        lab = run_label[r]
+        y = runs[r, 0]
+        if runs[r, 1] < sb[lab, 0]:
+            sb[lab, 0] = runs[r, 1]
+        if runs[r, 2] > sb[lab, 2]:
+            sb[lab, 2] = runs[r, 2]
+        if y < sb[lab, 1]:
+            sb[lab, 1] = y
+        if y + 1 > sb[lab, 3]:
+            sb[lab, 3] = y + 1
+        sb[lab, 4] += runs[r, 2] - runs[r, 1]
+    # ---- 2. regions
+    roi = np.empty((k, 4), np.int64)
+    nr = 0
+    for i in range(k):
+        if sb[i, 4] < min_seed:
+            continue
+        roi[nr, 0] = max(sb[i, 0] - margin, 0)
+        roi[nr, 1] = max(sb[i, 1] - margin, 0)
+        roi[nr, 2] = min(sb[i, 2] + margin, W)
+        roi[nr, 3] = min(sb[i, 3] + margin, H)
+        nr += 1
+    changed = True
+    alive = np.ones(nr, np.bool_)
+    while changed:
+        changed = False
+        for i in range(nr):
+            if not alive[i]:
+                continue
+            for j in range(i + 1, nr):
+                if not alive[j]:
+                    continue
+                if (roi[i, 0] < roi[j, 2] and roi[j, 0] < roi[i, 2]
+                        and roi[i, 1] < roi[j, 3] and roi[j, 1] < roi[i, 3]):
+                    roi[i, 0] = min(roi[i, 0], roi[j, 0])
+                    roi[i, 1] = min(roi[i, 1], roi[j, 1])
+                    roi[i, 2] = max(roi[i, 2], roi[j, 2])
+                    roi[i, 3] = max(roi[i, 3], roi[j, 3])
+                    alive[j] = False
+                    changed = True
+    # ---- 3. smoothed threshold inside each region
+    nk = kern.shape[0]
+    rad = nk // 2
+    ksum = 0
+    for t in range(nk):
+        ksum += kern[t]
+    offs = np.int64(off) * ksum * ksum
+    nout = 0
+    cap = stats.shape[0]
+    for q in range(nr):
+        if not alive[q]:
+            continue
+        x0 = roi[q, 0]
+        y0 = roi[q, 1]
+        x1 = roi[q, 2]
+        y1 = roi[q, 3]
+        h = y1 - y0
+        w = x1 - x0
+        # horizontal pass over the rows the vertical pass needs (clamped at the image edge)
+        hs = np.empty((h + 2 * rad, w), np.int32)
+        for yy in range(h + 2 * rad):
+            ys = min(max(y0 + yy - rad, 0), H - 1)
+            row = img[ys]
+            for xx in range(w):
+                acc = 0
+                for t in range(nk):
+                    xs = min(max(x0 + xx + t - rad, 0), W - 1)
+                    acc += kern[t] * np.int32(row[xs])
+                hs[yy, xx] = acc
+        mask = np.zeros((h, w), np.uint8)
+        for yy in range(h):
+            brow = bg_s[y0 + yy]
+            for xx in range(w):
+                acc = np.int64(0)
+                for t in range(nk):
+                    acc += kern[t] * hs[yy + t, xx]
+                dv = acc - offs - brow[x0 + xx]
+                if dv > thr_bright or dv < -thr_dark:
+                    mask[yy, xx] = 1
+        # label the region
+        nrr = mask_runs(mask, runs)
+        if nrr < 0:
+            return -1
+        if nrr == 0:
+            continue
+        for r in range(nrr):
+            runs[r, 0] += y0
+            runs[r, 1] += x0
+            runs[r, 2] += x0
+        kk = label_runs(runs, nrr, conn8, run_label)
+        if nout + kk > cap:
+            return -1
+        accumulate_runs(runs, nrr, run_label, kk, img, True, stats, nout)
+        # seed pixels per label (hysteresis)
+        for r in range(nrr):
+            y = runs[r, 0]
+            cnt = 0
+            for x in range(runs[r, 1], runs[r, 2]):
+                v = np.int16(img[y, x]) - off
+                if v < lo[y, x] or v > hi[y, x]:
+                    cnt += 1
+            stats[nout + run_label[r], S_STRONG] += cnt
+        lab = np.zeros((h, w), np.int32)
+        paint_labels(runs, nrr, run_label, lab, y0, x0)
+        perimeter_from_labels(lab, stats, nout, weights)
+        # keep labels with seed pixels, compacting in place
+        keep = nout
+        for i in range(kk):
+            if stats[nout + i, S_STRONG] >= 1:
+                if keep != nout + i:
+                    for c in range(NSTAT):
+                        stats[keep, c] = stats[nout + i, c]
+                keep += 1
+        nout = keep
+    return nout

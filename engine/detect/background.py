@@ -1,0 +1,186 @@
+"""The background model: the report's median image, kept current without cells leaking in.
+
+Policy (recorded in :meth:`Background.manifest`)
+------------------------------------------------
+* **Prime** (report §3.6.1): the per-pixel median of ``bg_frames`` frames sampled evenly over
+  the sequence. The samples are then checked for cells against that first median; when at
+  least half of them are cell-free the median is rebuilt from the cell-free ones only
+  (policy ``"median-cell-free-frames"``), otherwise each pixel's median leaves out the samples
+  in which a blob covered it (``"median-masked-pixels"``). The number of samples with cells
+  that had to be used is the warning count (``prime_frames_with_cells``), as Shape-In
+  records "bg empty" (pitfalls.md §18).
+* **Drift** (illumination, focus): every ``stride = max(1, bg_update_frames // bg_frames)``
+  frames, :meth:`Background.observe` folds the frame into a running mean with weight
+  ``1 / bg_frames``, leaving out every pixel inside a blob's box grown by a margin; every
+  ``bg_update_frames`` frames that running mean becomes the active background. Folding costs
+  one pass over a frame every ``stride`` frames (amortised well under 1 µs per frame); no
+  median is recomputed on the hot path.
+* A recorded background (RT-DC ``image_bg``, a user image) replaces the median
+  (policy ``"given"``); it is kept current the same way unless ``bg_update_frames == 0``.
+
+The frames are compared with the background twice (see :mod:`engine.detect._kernels`): raw,
+against per-pixel int16 bounds ``[lo, hi]`` that fold in the high (seed) threshold, and
+smoothed, against the background smoothed with the same integer kernel (int64, scaled).
+
+The report also blurs the frames and the median with a Gaussian of σ = 4 px; that is the
+reference implementation's method (:mod:`engine.detect.reference`). Here frames and
+background are smoothed alike with ``smooth_sigma`` (the evidence for the choice is in the
+front-end benchmark, ``bench/bench_frontend.py --accuracy``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from numba import njit
+
+from ..errors import DetectError
+
+__all__ = ["Background", "gaussian_kernel_int", "sample_indices"]
+
+
+def gaussian_kernel_int(sigma: float, scale: int = 256) -> np.ndarray:
+    """A sampled Gaussian of ``sigma`` [px] as int64 weights summing to about ``scale``.
+
+    ``sigma == 0`` gives ``[1]`` (no smoothing). The radius is ``ceil(3 sigma)``.
+    """
+    if sigma <= 0:
+        return np.ones(1, np.int64)
+    r = int(math.ceil(3.0 * sigma))
+    t = np.arange(-r, r + 1, dtype=np.float64)
+    g = np.exp(-0.5 * (t / sigma) ** 2)
+    w = np.rint(g / g.sum() * scale).astype(np.int64)
+    return w[w > 0]                          # symmetric, so it stays centred
+
+
+def sample_indices(n_total: int, n: int) -> np.ndarray:
+    """``n`` frame indices spread evenly over ``range(n_total)`` (all when n >= n_total)."""
+    if n >= n_total:
+        return np.arange(n_total)
+    return np.unique(np.linspace(0, n_total - 1, n).round().astype(np.int64))
+
+
+@njit(cache=True, nogil=True)
+def _fold(acc, img, boxes, nbox, alpha, margin, cover):
+    """acc += alpha * (img - acc) outside the boxes (grown by margin); cover is scratch."""
+    H, W = img.shape
+    for y in range(H):
+        for x in range(W):
+            cover[y, x] = 0
+    for b in range(nbox):
+        x0 = max(boxes[b, 0] - margin, 0)
+        y0 = max(boxes[b, 1] - margin, 0)
+        x1 = min(boxes[b, 2] + margin, W)
+        y1 = min(boxes[b, 3] + margin, H)
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                cover[y, x] = 1
+    for y in range(H):
+        for x in range(W):
+            if cover[y, x] == 0:
+                acc[y, x] += alpha * (np.float32(img[y, x]) - acc[y, x])
+
+
+class Background:
+    """Per-pixel background [grey levels] and the comparison tables derived from it.
+
+    Parameters
+    ----------
+    image : ndarray (H, W), float or uint8
+        The background.
+    seed_threshold : float
+        High threshold folded into ``lo``/``hi`` [grey levels].
+    kernel : ndarray of int64
+        Integer smoothing kernel (``gaussian_kernel_int``) applied to frames and background.
+    policy : str
+        How ``image`` was obtained (for the manifest).
+    polarity : {"both", "dark", "bright"}
+        Which differences count as foreground: both signs (bright-field cells have dark
+        rims and bright centres), or only darker (RT-DC's "-6 grey levels") or brighter.
+    """
+
+    def __init__(self, image: np.ndarray, seed_threshold: float, kernel: np.ndarray,
+                 policy: str = "given", polarity: str = "both"):
+        image = np.asarray(image)
+        if image.ndim != 2 or image.size == 0:
+            raise DetectError(f"background must be a non-empty 2-D image, got shape {image.shape}")
+        if not np.all(np.isfinite(image)):
+            raise DetectError("background contains NaN or infinite values")
+        self.kernel = np.ascontiguousarray(kernel, np.int64)
+        self.seed_threshold = float(seed_threshold)
+        self.policy = policy
+        self.polarity = polarity
+        self.image = np.ascontiguousarray(image, np.float32)
+        self.prime_frames = 0
+        self.prime_frames_with_cells = 0
+        self.noise_sd = float("nan")
+        self.updates = 0
+        self.samples = 0
+        self.samples_with_cells = 0
+        self._acc: np.ndarray | None = None
+        self._cover: np.ndarray | None = None
+        self._rebuild()
+
+    # -- tables -------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        import cv2
+        b = self.image.astype(np.float64)
+        t = self.seed_threshold
+        self.lo = np.ceil(b - t).astype(np.int16)
+        self.hi = np.floor(b + t).astype(np.int16)
+        if self.polarity == "dark":          # nothing is brighter than 32767
+            self.hi[:] = np.iinfo(np.int16).max
+        elif self.polarity == "bright":
+            self.lo[:] = np.iinfo(np.int16).min
+        self.rounded = np.rint(b).astype(np.int16)
+        k = self.kernel.astype(np.float64)
+        sm = cv2.sepFilter2D(b, cv2.CV_64F, k, k, borderType=cv2.BORDER_REPLICATE)
+        self.smooth_scaled = np.rint(sm).astype(np.int64)      # scaled by K*K already
+        self.kernel_sum = int(self.kernel.sum())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.image.shape  # type: ignore[return-value]
+
+    # -- drift ----------------------------------------------------------------------------
+    def observe(self, image: np.ndarray, boxes: np.ndarray, alpha: float, margin: int) -> None:
+        """Fold one frame into the running mean, leaving out the blob boxes (+margin) [px]."""
+        if self._acc is None:
+            self._acc = self.image.copy()
+            self._cover = np.empty(self.image.shape, np.uint8)
+        nbox = int(boxes.shape[0])
+        _fold(self._acc, image, np.ascontiguousarray(boxes, np.int64).reshape(-1, 4), nbox,
+              np.float32(alpha), int(margin), self._cover)
+        self.samples += 1
+        self.samples_with_cells += nbox > 0
+
+    def commit(self) -> None:
+        """Make the running mean the active background (rebuilds the tables)."""
+        if self._acc is None:
+            return
+        self.image = self._acc.copy()
+        self._rebuild()
+        self.updates += 1
+
+    def manifest(self) -> dict:
+        """Policy and counters for the run's manifest."""
+        return {"policy": self.policy, "prime_frames": self.prime_frames,
+                "prime_frames_with_cells": self.prime_frames_with_cells,
+                "noise_sd": None if math.isnan(self.noise_sd) else round(self.noise_sd, 3),
+                "seed_threshold": self.seed_threshold,
+                "updates": self.updates, "update_samples": self.samples,
+                "update_samples_with_cells_masked": self.samples_with_cells}
+
+
+def median_stack(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-pixel median [grey levels] of a stack of equally shaped uint8 images, float32."""
+    stack = np.stack([np.asarray(im) for im in images])
+    return np.median(stack, axis=0).astype(np.float32)
+
+
+def robust_noise_sd(images: Sequence[np.ndarray], bg: np.ndarray) -> float:
+    """Noise sd [grey levels] of frames about the background: 1.4826 * MAD of the residuals."""
+    res = np.concatenate([(np.asarray(im, np.float32) - bg).ravel()[::7] for im in images])
+    med = np.median(res)
+    return float(1.4826 * np.median(np.abs(res - med)))

@@ -1,0 +1,284 @@
+"""The front end: one frame in, its blobs out (background, foreground, labels, statistics).
+
+Per frame (:meth:`FrontEnd.process`)
+-----------------------------------
+1. Illumination offset: the median of ``frame - background`` over 1024 fixed pixels
+   (histogram, no sort) is subtracted, so frame-wide flicker does not reach the threshold.
+2. One fused Numba pass (:func:`engine.detect._kernels.detect_frame`): *seeds* are the pixels
+   farther than the seed threshold from the background (raw frame, per-pixel int16 bounds);
+   around each seed blob a region is smoothed with the integer Gaussian kernel of
+   ``smooth_sigma`` and thresholded at ``threshold`` against the background smoothed alike;
+   components are labelled (8-connectivity, runs + union-find) and measured in the same
+   pass; components without seed pixels are dropped (hysteresis).
+3. Split cells are re-joined (report §3.6.1; :func:`engine.detect._kernels.rejoin`), blobs
+   outside ``[min_area, max_area]`` dropped.
+4. Every ``stride`` frames the frame is folded into the background outside the blobs' boxes
+   (:mod:`engine.detect.background`).
+
+Only the regions around seeds are smoothed, so the cost is one pass over the frame plus work
+proportional to the cells in view.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DetectError
+from ..types import Blob, ChipGeometry, Frame
+from . import _kernels as K
+from .background import (Background, gaussian_kernel_int, median_stack, robust_noise_sd,
+                         sample_indices)
+from .blobs import to_blobs
+from .geometry import find_geometry
+
+__all__ = ["FrontEnd"]
+
+_OFF = 1 << 62      # a threshold no difference reaches: switches one polarity off
+
+
+class FrontEnd:
+    """Background model + detection for one stream of equally sized uint8 frames.
+
+    Parameters
+    ----------
+    cfg : engine.config.Config
+        Uses ``cfg.frontend`` (thresholds, areas, background policy), ``cfg.chip`` and
+        ``cfg.camera`` (the configured geometry).
+    background : ndarray (H, W), optional
+        A recorded background (RT-DC ``image_bg``, a user image) instead of :meth:`prime`.
+    geometry : ChipGeometry, optional
+        The channel; default: found from the background (``frontend.geometry = "auto"``,
+        falling back to the config) or the config.
+
+    Attributes
+    ----------
+    stats : dict
+        ``frames``, ``blobs``, ``rejoined`` and per-stage times ``us_*`` [µs, summed].
+    """
+
+    def __init__(self, cfg, background: np.ndarray | None = None,
+                 geometry: ChipGeometry | None = None):
+        self.cfg = cfg
+        f = cfg.frontend
+        self._f = f
+        self.kernel = gaussian_kernel_int(f.smooth_sigma)
+        self._geometry_given = geometry
+        self._geometry: ChipGeometry | None = geometry
+        self.geometry_note = "given" if geometry is not None else ""
+        self.bg: Background | None = None
+        self.stats = {"frames": 0, "blobs": 0, "rejoined": 0, "dropped_small": 0,
+                      "dropped_large": 0, "buffer_grows": 0,
+                      "us_detect": 0.0, "us_rejoin": 0.0, "us_blobs": 0.0, "us_background": 0.0}
+        self._runs = np.empty((4096, 3), np.int64)
+        self._run_label = np.empty(4096, np.int64)
+        self._stats = np.empty((256, K.NSTAT), np.float64)
+        self._chunk = np.empty(1, np.uint8)
+        self._hist = np.empty(511, np.int64)
+        self._sample_idx = np.empty(0, np.int64)
+        self._since_commit = 0
+        if background is not None:
+            self.set_background(background, policy="given")
+
+    # -- background -------------------------------------------------------------------------
+    def _seed_threshold(self, noise_sd: float) -> float:
+        f = self._f
+        if f.seed_threshold > 0:
+            return float(f.seed_threshold)
+        sd = noise_sd if math.isfinite(noise_sd) else 1.5
+        return max(2.0 * f.threshold, 4.5 * sd, 3.0)
+
+    def set_background(self, image: np.ndarray, policy: str = "given",
+                       noise_sd: float = float("nan")) -> None:
+        """Use ``image`` [grey levels] as the background from now on (tables rebuilt)."""
+        image = np.asarray(image)
+        if image.ndim != 2:
+            raise DetectError(f"background must be a 2-D image (H, W), got shape {image.shape}")
+        if self.bg is not None and self.bg.shape != image.shape:
+            raise DetectError(f"background shape {image.shape} differs from the current "
+                              f"{self.bg.shape}")
+        bg = Background(image, self._seed_threshold(noise_sd), self.kernel, policy,
+                        polarity=self._f.polarity)
+        bg.noise_sd = noise_sd
+        if self.bg is not None:
+            bg.prime_frames = self.bg.prime_frames
+            bg.prime_frames_with_cells = self.bg.prime_frames_with_cells
+        self.bg = bg
+        H, W = image.shape
+        self._chunk = np.empty((W + 15) // 16, np.uint8)
+        rng = np.random.default_rng(12345)
+        self._sample_idx = np.sort(rng.choice(H * W, size=min(1024, H * W), replace=False)
+                                   ).astype(np.int64)
+        self._since_commit = 0
+        if self._geometry_given is None:
+            self._geometry = None      # found again lazily from the new background
+
+    def prime(self, images: Sequence[np.ndarray]) -> None:
+        """Build the background from frames sampled over the sequence (report §3.6.1).
+
+        ``images`` may be any sequence (a list, an (N, H, W) array or memory map); at most
+        ``frontend.bg_frames`` of them, spread evenly, are read. Samples with cells are left
+        out when enough cell-free ones remain (see :mod:`engine.detect.background`).
+        """
+        n_total = len(images)
+        if n_total == 0:
+            raise DetectError("prime() needs at least one frame, got none")
+        idx = sample_indices(n_total, self._f.bg_frames)
+        sample = [np.asarray(images[int(i)]) for i in idx]
+        for im in sample:
+            self._check_image(im)
+        bg0 = median_stack(sample)
+        sd = robust_noise_sd(sample, bg0)
+        self.set_background(bg0, policy="median-all-frames", noise_sd=sd)
+        # which samples hold cells? (against the first median)
+        boxes = []
+        for i, im in enumerate(sample):
+            bl = self._detect(np.ascontiguousarray(im), int(idx[i]))
+            boxes.append([b.bbox for b in bl])
+        free = [im for im, bx in zip(sample, boxes) if not bx]
+        n_cells = len(sample) - len(free)
+        if n_cells == 0:
+            policy, bg, warn = "median-all-frames", bg0, 0
+        elif len(free) >= max(3, len(sample) // 2):
+            policy, bg, warn = "median-cell-free-frames", median_stack(free), 0
+        else:
+            stack = np.stack(sample).astype(np.float32)
+            m = self._f.roi_margin
+            for k, bx in enumerate(boxes):
+                for (x0, y0, x1, y1) in bx:
+                    stack[k, max(y0 - m, 0):y1 + m, max(x0 - m, 0):x1 + m] = np.nan
+            bg = np.nanmedian(stack, axis=0)
+            bg = np.where(np.isnan(bg), bg0, bg).astype(np.float32)
+            policy, warn = "median-masked-pixels", n_cells
+        sd = robust_noise_sd(free if free else sample, bg)
+        self.set_background(bg, policy=policy, noise_sd=sd)
+        self.bg.prime_frames = len(sample)
+        self.bg.prime_frames_with_cells = warn
+
+    @property
+    def background(self) -> np.ndarray | None:
+        """The active background [grey levels], float32 (H, W), or None before priming."""
+        return None if self.bg is None else self.bg.image
+
+    @property
+    def geometry(self) -> ChipGeometry:
+        """The channel: given, found from the background, or from the config."""
+        if self._geometry is None:
+            cfg_geo = self.cfg.geometry()
+            if self._f.geometry == "config" or self.bg is None:
+                self._geometry = cfg_geo
+                self.geometry_note = "config"
+            else:
+                try:
+                    self._geometry = find_geometry(self.bg.image)
+                    self.geometry_note = "found in the background"
+                except DetectError as exc:
+                    self._geometry = cfg_geo
+                    self.geometry_note = f"config ({exc})"
+        return self._geometry
+
+    # -- per frame --------------------------------------------------------------------------
+    def _check_image(self, image: np.ndarray) -> None:
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2:
+            desc = (f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray)
+                    else type(image).__name__)
+            raise DetectError(f"frames must be uint8 arrays of shape (H, W), got {desc}")
+        if self.bg is not None and image.shape != self.bg.shape:
+            raise DetectError(f"frame shape {image.shape} differs from the background's "
+                              f"{self.bg.shape}")
+
+    def process(self, frame: Frame) -> list[Blob]:
+        """The blobs of one frame (the hot path).
+
+        Raises
+        ------
+        DetectError
+            When no background was set, or the frame is not uint8 of the background's shape.
+        """
+        if self.bg is None:
+            raise DetectError("no background: call prime(frames) or pass background= first")
+        image = frame.image
+        self._check_image(image)
+        if not image.flags.c_contiguous:
+            image = np.ascontiguousarray(image)
+        blobs = self._detect(image, frame.index)
+        f = self._f
+        if f.bg_update_frames > 0:
+            t0 = time.perf_counter()
+            stride = max(1, f.bg_update_frames // f.bg_frames)
+            n = self.stats["frames"]
+            if n % stride == 0:
+                boxes = np.array([b.bbox for b in blobs], np.int64).reshape(-1, 4)
+                self.bg.observe(image, boxes, 1.0 / f.bg_frames, f.roi_margin)
+            self._since_commit += 1
+            if self._since_commit >= f.bg_update_frames:
+                self.bg.commit()
+                self._since_commit = 0
+            self.stats["us_background"] += (time.perf_counter() - t0) * 1e6
+        self.stats["frames"] += 1
+        self.stats["blobs"] += len(blobs)
+        return blobs
+
+    def _detect(self, image: np.ndarray, index: int) -> list[Blob]:
+        f = self._f
+        bg = self.bg
+        t0 = time.perf_counter()
+        off = K.illumination_offset(image, bg.rounded, self._sample_idx, self._hist) \
+            if f.illumination else 0
+        thr_s = int(math.floor(f.threshold * bg.kernel_sum * bg.kernel_sum))
+        thr_dark = thr_s if f.polarity != "bright" else _OFF
+        thr_bright = thr_s if f.polarity != "dark" else _OFF
+        margin = f.roi_margin + len(self.kernel) // 2
+        while True:
+            n = K.detect_frame(image, bg.lo, bg.hi, bg.smooth_scaled, self.kernel, thr_dark, thr_bright,
+                               np.int16(off), margin, f.seed_min_px, True, self._runs,
+                               self._run_label, self._chunk, self._stats, K.PERIM_WEIGHTS)
+            if n >= 0:
+                break
+            self._grow()
+        t1 = time.perf_counter()
+        st = self._stats
+        if f.rejoin and n > 1:
+            alive = np.ones(n, np.bool_)
+            merged = K.rejoin(st, n, f.rejoin_max_gap, f.rejoin_min_deform, f.min_area,
+                              f.max_area, alive)
+            if merged:
+                st = st[:n][alive]
+                n = st.shape[0]
+                self.stats["rejoined"] += merged
+        fin = np.empty((n, K.NFIN), np.float64)
+        K.finish_stats(st, n, fin)
+        area = fin[:, K.F_AREA]
+        small = area < f.min_area
+        large = area > f.max_area
+        if small.any() or large.any():
+            self.stats["dropped_small"] += int(small.sum())
+            self.stats["dropped_large"] += int(large.sum())
+            fin = fin[~(small | large)]
+        t2 = time.perf_counter()
+        blobs = to_blobs(fin, index)
+        t3 = time.perf_counter()
+        self.stats["us_detect"] += (t1 - t0) * 1e6
+        self.stats["us_rejoin"] += (t2 - t1) * 1e6
+        self.stats["us_blobs"] += (t3 - t2) * 1e6
+        return blobs
+
+    def _grow(self) -> None:
+        self._runs = np.empty((self._runs.shape[0] * 4, 3), np.int64)
+        self._run_label = np.empty(self._runs.shape[0], np.int64)
+        self._stats = np.empty((self._stats.shape[0] * 4, K.NSTAT), np.float64)
+        self.stats["buffer_grows"] += 1
+
+    # -- reporting --------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        """Background policy and counters, geometry and its origin, per-stage mean µs."""
+        n = max(self.stats["frames"], 1)
+        out = {"background": None if self.bg is None else self.bg.manifest(),
+               "geometry": self.geometry.to_dict(), "geometry_note": self.geometry_note,
+               "smoothing_kernel": self.kernel.tolist()}
+        out.update({k: v for k, v in self.stats.items() if not k.startswith("us_")})
+        out.update({f"{k}_per_frame": round(v / n, 3) for k, v in self.stats.items()
+                    if k.startswith("us_")})
+        return out

@@ -1,0 +1,400 @@
+"""Incremental linking of blobs into cell tracks, and cutting each track into a CellClip.
+
+Stream first (trackpy's ``Linker.init_level``/``next_level``): the linker sees one frame and its
+blobs at a time, keeps only the live tracks, and returns the tracks that finished in that frame
+as :class:`~engine.types.CellClip` values, so memory stays bounded however long the stream.
+
+Per frame:
+
+1. **Predict** every live track's position with the motion model (``tracker.predictor``,
+   :mod:`engine.track.predict`): by default the channel flow learned from confirmed tracks,
+   integrated through gaps.
+2. **Gate**: a blob is a candidate for a track when it lies within ``gate_px`` of the prediction
+   (the gate grows by ``gate_growth`` per missed frame) and is not more than ``max_back_px``
+   behind the last position (cells flow left to right).
+3. **Assign** jointly (``tracker.assign``, :mod:`engine.track.assign`): conflicts inside a subnet
+   are solved as one assignment problem, not greedily.
+4. **Merged cells**: two cells that touch give one blob. An unmatched track whose prediction lies
+   inside a blob that is much larger than a cell (``merge_area_ratio``) is carried along with
+   that blob, as is the track that took it: their positions move with the blob, and neither
+   records an area for that frame. Their identities survive the contact.
+5. **Misses**: a track without a candidate is predicted through up to ``max_gap`` frames (its
+   crop is cut at the predicted position with area 0); then it ends, as an exit when its last
+   box touched the outlet edge, else as lost. A track predicted beyond the right edge ends at
+   once.
+6. **New tracks** start from the remaining blobs.
+
+A finished track is a clip from its first to its last detection. It is ``COMPLETE`` when it
+entered at the left image edge and left at the right one (within ``edge_margin``); otherwise
+``TRUNCATED`` with the reasons ("in view at start" / "appeared mid-channel", "lost mid-channel" /
+"end of stream" / "too long"). Tracks with fewer than ``min_frames`` detections, or that moved
+less than ``min_travel_px``, are dropped (counted in :attr:`Linker.stats`).
+
+A track that reaches ``clips.max_frames`` is emitted at once as truncated ("too long") and kept
+as a *tail* that still claims its blobs (so that it does not spawn a second clip) but records
+nothing.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ..clips import ClipCutter, ClipRecorder, SHAPE_FIELDS
+from ..errors import DetectError
+from ..features import compute_features
+from ..types import Blob, CellClip, ChipGeometry, Frame, TrackStatus
+from .assign import Assigner
+from .predict import TrackState, make_predictor
+
+__all__ = ["Linker", "link_iter"]
+
+_CONFIRM_LINKS = 3   # links before a track teaches the flow field
+_AREA_ALPHA = 0.3    # smoothing of a track's typical area
+
+
+class _Track:
+    __slots__ = ("tid", "state", "rec", "first_index", "at_start", "entry_ok", "misses",
+                 "box", "area", "tail", "x_min", "x_max", "exited_edge")
+
+    def __init__(self, tid: int, blob: Blob, rec: ClipRecorder | None, at_start: bool,
+                 entry_ok: bool):
+        self.tid = tid
+        self.state = TrackState(blob.cx, blob.cy, blob.frame_index)
+        self.rec = rec
+        self.first_index = blob.frame_index
+        self.at_start = at_start
+        self.entry_ok = entry_ok
+        self.misses = 0
+        self.box = tuple(int(v) for v in blob.bbox)
+        self.area = float(blob.area)
+        self.tail = False
+        self.x_min = self.x_max = float(blob.cx)
+        self.exited_edge = False
+
+
+class Linker:
+    """Links per-frame blobs into cell tracks and cuts their clips, one frame at a time.
+
+    Parameters
+    ----------
+    cfg : Config
+        Uses the ``tracker`` and ``clips`` sections, ``chip.pixel_size_um`` and ``camera.fps``
+        (for the features).
+    geometry : ChipGeometry
+        Image size and channel regions; frames must be ``(geometry.height, geometry.width)``.
+    features : bool, optional
+        Compute :func:`engine.features.compute_features` into ``clip.features`` (default).
+
+    Attributes
+    ----------
+    stats : dict of str to int
+        Counters: frames, blobs, tracks_started, clips, complete, truncated, dropped_short,
+        dropped_static, gap_frames, merged_frames, rescued, contested, ambiguous, live,
+        live_max.
+
+    Examples
+    --------
+    >>> linker = Linker(cfg, geometry)
+    >>> for frame in frames:
+    ...     for clip in linker.next_level(frame, frontend.process(frame)):
+    ...         handle(clip)
+    >>> for clip in linker.flush():
+    ...     handle(clip)
+    """
+
+    def __init__(self, cfg, geometry: ChipGeometry, *, features: bool = True):
+        t = cfg.tracker
+        self.cfg = cfg
+        self.geometry = geometry
+        self.gate = float(t.gate_px)
+        self.gate_growth = float(t.gate_growth)
+        self.max_gap = int(t.max_gap)
+        self.max_back = float(t.max_back_px)
+        self.min_frames = int(t.min_frames)
+        self.margin = float(t.edge_margin)
+        self.merge_ratio = float(t.merge_area_ratio)
+        self.min_travel = float(t.min_travel_px)
+        self.predictor = make_predictor(t.predictor, geometry, prior_vx=t.prior_vx,
+                                        bin_px=t.flow_bin_px)
+        self.assigner = Assigner(t.assign, t.max_subnet)
+        self.cutter = ClipCutter(cfg.clips)
+        self.max_frames = int(cfg.clips.max_frames)
+        self.want_features = bool(features)
+        self.width = int(geometry.width)
+        self.height = int(geometry.height)
+        self._tracks: list[_Track] = []
+        self._next_tid = 0
+        self._next_cell = 0
+        self._first_index: int | None = None
+        self._last_index: int | None = None
+        self._last_t_ns = 0
+        self.stats = {k: 0 for k in (
+            "frames", "blobs", "tracks_started", "clips", "complete", "truncated",
+            "dropped_short", "dropped_static", "gap_frames", "merged_frames", "rescued",
+            "contested", "ambiguous", "live", "live_max")}
+
+    # -- public ----------------------------------------------------------------------------
+    @property
+    def live(self) -> int:
+        """Number of live tracks (tails included)."""
+        return len(self._tracks)
+
+    def init_level(self, frame: Frame, blobs: Iterable[Blob]) -> list[CellClip]:
+        """Same as :meth:`next_level` (kept for trackpy's naming); the first frame starts it."""
+        return self.next_level(frame, blobs)
+
+    def next_level(self, frame: Frame, blobs: Iterable[Blob]) -> list[CellClip]:
+        """Link one frame's blobs; return the clips of the tracks that finished in it.
+
+        Parameters
+        ----------
+        frame : Frame
+            The frame the blobs come from (its image is only read during this call).
+        blobs : iterable of Blob
+            Detections in ``frame``.
+
+        Raises
+        ------
+        DetectError
+            If the frame does not match the geometry or frame numbers go backwards.
+        """
+        fi = int(frame.index)
+        image = frame.image
+        if image.shape != (self.height, self.width):
+            raise DetectError(f"Linker: frame {fi} has shape {image.shape}, the geometry says "
+                              f"({self.height}, {self.width})")
+        if self._last_index is not None and fi <= self._last_index:
+            raise DetectError(f"Linker: frame number {fi} does not follow {self._last_index}; "
+                              "frames must arrive in increasing order")
+        if self._first_index is None:
+            self._first_index = fi
+        self._last_index = fi
+        self._last_t_ns = int(frame.t_ns)
+        st = self.stats
+        st["frames"] += 1
+        blobs = [b for b in blobs if math.isfinite(b.cx) and math.isfinite(b.cy)]
+        st["blobs"] += len(blobs)
+        finished: list[CellClip] = []
+        tracks = self._tracks
+        if not tracks and not blobs:
+            return finished
+
+        # 1-2. predict and gate
+        pred: list[tuple[float, float]] = []
+        costs: dict[tuple[int, int], float] = {}
+        order = sorted(range(len(blobs)), key=lambda j: blobs[j].cx)
+        xs = [blobs[j].cx for j in order]
+        for i, tr in enumerate(tracks):
+            s = tr.state
+            px, py = self.predictor.predict(s, fi)
+            pred.append((px, py))
+            g = self.gate * (1.0 + self.gate_growth * tr.misses)
+            g2 = g * g
+            xmin = max(px - g, s.x - self.max_back)
+            lo = bisect.bisect_left(xs, xmin)
+            hi = bisect.bisect_right(xs, px + g)
+            for k in range(lo, hi):
+                b = blobs[order[k]]
+                dx, dy = b.cx - px, b.cy - py
+                d2 = dx * dx + dy * dy
+                if d2 <= g2:
+                    costs[(i, order[k])] = d2 / g2
+
+        # 3. joint assignment
+        links = self.assigner(costs, 1.0)
+        track_blob = dict(links)
+        blob_track = {j: i for i, j in links}
+
+        # 4. merged cells and rescues
+        merged: dict[int, list[int]] = {}     # blob -> tracks carried with it
+        unmatched = [i for i in range(len(tracks)) if i not in track_blob]
+        if unmatched and blobs:
+            for i in unmatched:
+                px, py = pred[i]
+                for j, b in enumerate(blobs):
+                    x0, y0, x1, y1 = b.bbox
+                    if x0 - 2 <= px < x1 + 2 and y0 - 2 <= py < y1 + 2:
+                        merged.setdefault(j, []).append(i)
+                        break
+            for j in list(merged):
+                members = merged[j]
+                owner = blob_track.get(j)
+                b = blobs[j]
+                if owner is not None:
+                    big = b.area >= self.merge_ratio * tracks[owner].area
+                    if big:
+                        members.insert(0, owner)
+                    else:
+                        del merged[j]
+                    continue
+                if len(members) == 1:
+                    i = members[0]
+                    if b.area < self.merge_ratio * tracks[i].area and \
+                            b.cx - tracks[i].state.x >= -self.max_back:
+                        # a lone blob around the prediction, just outside the gate: link it
+                        del merged[j]
+                        track_blob[i] = j
+                        blob_track[j] = i
+                        st["rescued"] += 1
+                    elif b.area < self.merge_ratio * tracks[i].area:
+                        del merged[j]
+
+        carried: dict[int, tuple[float, float]] = {}
+        for j, members in merged.items():
+            b = blobs[j]
+            mx = sum(pred[i][0] for i in members) / len(members)
+            my = sum(pred[i][1] for i in members) / len(members)
+            for i in members:
+                carried[i] = (pred[i][0] + b.cx - mx, pred[i][1] + b.cy - my)
+                track_blob.pop(i, None)
+            blob_track[j] = -1
+            st["merged_frames"] += len(members)
+
+        # 5. update tracks
+        keep: list[_Track] = []
+        for i, tr in enumerate(tracks):
+            s = tr.state
+            j = track_blob.get(i)
+            done_reason = None
+            if j is not None:
+                b = blobs[j]
+                box = tuple(int(v) for v in b.bbox)
+                at_edge = box[0] <= 0 or box[2] >= self.width
+                self.predictor.observe(s, b.cx, b.cy, fi,
+                                       learn=(s.n_links >= _CONFIRM_LINKS and not at_edge
+                                              and not tr.tail))
+                tr.box = box
+                if at_edge:      # a cell entering or leaving grows/shrinks fast: follow it
+                    tr.area = float(b.area)
+                else:
+                    tr.area += _AREA_ALPHA * (b.area - tr.area)
+                tr.misses = 0
+                tr.x_min = min(tr.x_min, b.cx)
+                tr.x_max = max(tr.x_max, b.cx)
+                tr.exited_edge = box[2] >= self.width - self.margin
+                if not tr.tail:
+                    tr.rec.add(self.cutter(image, b.cx, b.cy, box), fi, frame.t_ns, b.cx, b.cy,
+                               box, int(b.area), _shape_of(b))
+            elif i in carried:
+                cx, cy = carried[i]
+                box = _moved(tr.box, s, cx, cy)
+                self.predictor.observe(s, cx, cy, fi, learn=False)
+                tr.box = box
+                tr.misses = 0
+                tr.x_max = max(tr.x_max, cx)
+                if not tr.tail:
+                    tr.rec.add(self.cutter(image, cx, cy, box), fi, frame.t_ns, cx, cy, box, 0,
+                               None)
+                    tr.rec.last_detected = tr.rec.n - 1   # seen, only not measured alone
+            else:
+                px, py = pred[i]
+                tr.misses += 1
+                half_w = 0.5 * (tr.box[2] - tr.box[0])
+                if px - half_w >= self.width or tr.misses > self.max_gap:
+                    done_reason = "exit" if tr.exited_edge else "lost"
+                else:
+                    st["gap_frames"] += 1
+                    if not tr.tail:
+                        box = _moved(tr.box, s, px, py)
+                        tr.rec.add(self.cutter(image, px, py, box), fi, frame.t_ns, px, py,
+                                   box, 0, None)
+            if done_reason is not None:
+                clip = self._finish(tr, done_reason, frame.t_ns)
+                if clip is not None:
+                    finished.append(clip)
+                continue
+            if not tr.tail and tr.rec.full:
+                clip = self._finish(tr, "too long", frame.t_ns)
+                if clip is not None:
+                    finished.append(clip)
+                tr.tail = True
+                tr.rec = None
+            keep.append(tr)
+
+        # 6. new tracks
+        for j, b in enumerate(blobs):
+            if j in blob_track:
+                continue
+            tr = _Track(self._next_tid, b, ClipRecorder(self.cutter.size, self.max_frames),
+                        at_start=(fi == self._first_index),
+                        entry_ok=(b.bbox[0] <= self.margin and fi != self._first_index))
+            self._next_tid += 1
+            box = tuple(int(v) for v in b.bbox)
+            tr.exited_edge = box[2] >= self.width - self.margin
+            tr.rec.add(self.cutter(image, b.cx, b.cy, box), fi, frame.t_ns, b.cx, b.cy, box,
+                       int(b.area), _shape_of(b))
+            keep.append(tr)
+            st["tracks_started"] += 1
+        self._tracks = keep
+        st["live"] = len(keep)
+        st["live_max"] = max(st["live_max"], len(keep))
+        st["contested"] = self.assigner.stats["contested"]
+        st["ambiguous"] = self.assigner.stats["ambiguous"]
+        return finished
+
+    def flush(self) -> list[CellClip]:
+        """End of stream: finish every live track (truncated, "end of stream")."""
+        out = []
+        for tr in self._tracks:
+            clip = self._finish(tr, "end", self._last_t_ns)
+            if clip is not None:
+                out.append(clip)
+        self._tracks = []
+        self.stats["live"] = 0
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+    def _finish(self, tr: _Track, how: str, t_ns: int) -> CellClip | None:
+        if tr.tail:
+            return None
+        rec = tr.rec
+        st = self.stats
+        if how != "too long":
+            rec.trim_to_last_detection()
+        if rec.n_detected < self.min_frames:
+            st["dropped_short"] += 1
+            return None
+        if tr.x_max - tr.x_min < self.min_travel:
+            st["dropped_static"] += 1
+            return None
+        reasons = []
+        if not tr.entry_ok:
+            reasons.append("in view at start" if tr.at_start else "appeared mid-channel")
+        if how == "too long":
+            reasons.append("too long")
+        elif how == "end":
+            reasons.append("end of stream")
+        elif how == "lost" or not tr.exited_edge:
+            reasons.append("lost mid-channel")
+        status = TrackStatus.TRUNCATED if reasons else TrackStatus.COMPLETE
+        clip = rec.build(self._next_cell, status, "; ".join(reasons), t_ns)
+        self._next_cell += 1
+        if self.want_features:
+            feats = compute_features(clip, self.geometry, self.cfg, shapes=rec.shapes())
+            clip.features.update(feats)   # the dict is the clip's own (built fresh)
+        st["clips"] += 1
+        st["complete" if status is TrackStatus.COMPLETE else "truncated"] += 1
+        return clip
+
+
+def _shape_of(b: Blob) -> tuple[float, ...]:
+    return (b.perimeter, b.deform, b.major, b.minor, b.orientation, b.brightness)
+
+
+def _moved(box, s: TrackState, cx: float, cy: float) -> tuple[int, int, int, int]:
+    """``box`` shifted by the move from the track's last position to (cx, cy)."""
+    dx = int(round(cx - s.x))
+    dy = int(round(cy - s.y))
+    return (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
+
+
+def link_iter(cfg, geometry: ChipGeometry,
+              stream: Iterable[tuple[Frame, list[Blob]]]) -> Iterator[CellClip]:
+    """Generator over finished clips for a stream of ``(frame, blobs)``; flushes at the end."""
+    linker = Linker(cfg, geometry)
+    for frame, blobs in stream:
+        yield from linker.next_level(frame, blobs)
+    yield from linker.flush()

@@ -1,0 +1,105 @@
+"""Differential tests: our run-based labelling and statistics against scipy.ndimage/numpy.
+
+Connectivity: 8 (the front end's choice), compared with ``structure=np.ones((3, 3))``;
+4-connectivity is checked too, against scipy's default cross structure.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy import ndimage as ndi
+
+from engine.detect import FIELDS, label, measure
+from engine.errors import DetectError
+
+COL = {name: i for i, name in enumerate(FIELDS)}
+
+masks = st.integers(1, 40).flatmap(
+    lambda h: st.integers(1, 40).flatmap(
+        lambda w: st.floats(0.05, 0.8).flatmap(
+            lambda p: arrays(np.uint8, (h, w), elements=st.integers(0, 99)).map(
+                lambda a: (a < p * 100).astype(np.uint8)))))
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when two label images are equal up to a renaming of the labels."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    fa, fb = a[a > 0], b[b > 0]
+    pairs = np.unique(np.stack([fa, fb]), axis=1)
+    return (len(np.unique(pairs[0])) == pairs.shape[1]
+            and len(np.unique(pairs[1])) == pairs.shape[1])
+
+
+@settings(max_examples=150, deadline=None)
+@given(masks)
+def test_labelling_equals_scipy_8_connectivity(mask):
+    ours, n = label(mask, connectivity=8)
+    ref, nref = ndi.label(mask, structure=np.ones((3, 3)))
+    assert n == nref
+    assert _same_partition(ours, ref)
+    # raster order of first pixel, as scipy
+    assert np.array_equal(ours, ref)
+
+
+@settings(max_examples=80, deadline=None)
+@given(masks)
+def test_labelling_equals_scipy_4_connectivity(mask):
+    ours, n = label(mask, connectivity=4)
+    ref, nref = ndi.label(mask)
+    assert n == nref
+    assert _same_partition(ours, ref)
+
+
+@settings(max_examples=100, deadline=None)
+@given(masks, st.integers(0, 2**32 - 1))
+def test_blob_stats_equal_numpy(mask, seed):
+    image = np.random.default_rng(seed).integers(0, 256, mask.shape, dtype=np.uint8)
+    lab, n = label(mask)
+    fin = measure(lab, n, image)
+    assert fin.shape == (n, len(FIELDS))
+    for k in range(1, n + 1):
+        ys, xs = np.nonzero(lab == k)
+        row = fin[k - 1]
+        assert row[COL["area"]] == ys.size
+        assert row[COL["cx"]] == pytest.approx(xs.mean(), abs=1e-9)
+        assert row[COL["cy"]] == pytest.approx(ys.mean(), abs=1e-9)
+        assert (row[COL["x0"]], row[COL["y0"]], row[COL["x1"]], row[COL["y1"]]) == \
+            (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert row[COL["brightness"]] == pytest.approx(image[ys, xs].mean(), rel=1e-9)
+    # boxes agree with scipy's find_objects
+    for k, sl in enumerate(ndi.find_objects(lab)):
+        row = fin[k]
+        assert (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop) == \
+            (row[COL["x0"]], row[COL["y0"]], row[COL["x1"]], row[COL["y1"]])
+
+
+def test_disc_shape_statistics():
+    yy, xx = np.mgrid[:101, :121]
+    disc = ((xx - 60.0) ** 2 + (yy - 50.0) ** 2 <= 30.0 ** 2)
+    fin = measure(*label(disc))
+    row = fin[0]
+    assert row[COL["perimeter"]] == pytest.approx(2 * np.pi * 30, rel=0.06)
+    assert 0 <= row[COL["deform"]] < 0.06          # round: low deformation
+    assert row[COL["major"]] == pytest.approx(60, rel=0.02)
+    assert row[COL["minor"]] == pytest.approx(60, rel=0.02)
+
+
+def test_ellipse_axes_and_orientation():
+    yy, xx = np.mgrid[:121, :121].astype(float)
+    th = np.deg2rad(30.0)
+    u = (xx - 60) * np.cos(th) + (yy - 60) * np.sin(th)
+    v = -(xx - 60) * np.sin(th) + (yy - 60) * np.cos(th)
+    ell = (u / 40) ** 2 + (v / 15) ** 2 <= 1
+    row = measure(*label(ell))[0]
+    assert row[COL["major"]] == pytest.approx(80, rel=0.03)
+    assert row[COL["minor"]] == pytest.approx(30, rel=0.05)
+    assert row[COL["orientation"]] == pytest.approx(th, abs=0.02)
+    assert row[COL["deform"]] > 0.1                 # elongated: clearly not round
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(DetectError, match="2-D"):
+        label(np.zeros((3, 3, 3)))
+    with pytest.raises(DetectError, match="connectivity"):
+        label(np.zeros((3, 3)), connectivity=6)

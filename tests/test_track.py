@@ -1,0 +1,448 @@
+"""Linker tests on synthetic blob streams with known trajectories.
+
+The streams are generated directly as blobs (no images): cells follow the channel's velocity
+profile (slow in the inlet funnel, fast in the constriction, slower in the outlet, converging
+on the axis), with missed detections, spurious blobs, near-collisions, a cell in view at start
+and a cell lost mid-channel.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from engine.config import load_config
+from engine.errors import DetectError
+from engine.track import Assigner, Linker, make_predictor
+from engine.track.assign import assign_greedy, assign_lsa, subnets
+from engine.track.predict import TrackState
+from engine.types import Blob, ChipGeometry, Frame, TrackStatus
+
+# --------------------------------------------------------------------------------------------
+# synthetic flow
+# --------------------------------------------------------------------------------------------
+
+
+def geometry(width=800, height=150, x0=300.0, x1=560.0, hw_c=11.0, hw_in=62.0, hw_out=62.0):
+    return ChipGeometry(width=width, height=height, axis_y=height / 2, constriction_x0=x0,
+                        constriction_x1=x1, constriction_halfwidth=hw_c, inlet_halfwidth=hw_in,
+                        outlet_halfwidth=hw_out)
+
+
+def halfwidth(g: ChipGeometry, x: float, funnel=150.0, flare=80.0) -> float:
+    if x < g.constriction_x0 - funnel:
+        return g.inlet_halfwidth
+    if x < g.constriction_x0:
+        f = (g.constriction_x0 - x) / funnel
+        return g.constriction_halfwidth + f * (g.inlet_halfwidth - g.constriction_halfwidth)
+    if x < g.constriction_x1:
+        return g.constriction_halfwidth
+    if x < g.constriction_x1 + flare:
+        f = (x - g.constriction_x1) / flare
+        return g.constriction_halfwidth + f * (g.outlet_halfwidth - g.constriction_halfwidth)
+    return g.outlet_halfwidth
+
+
+def speed(g: ChipGeometry, x: float, v_c: float) -> float:
+    """Mean-flow speed [px/frame] at x: continuity, v * open width = const (floored)."""
+    return max(v_c * g.constriction_halfwidth / halfwidth(g, x), 0.25 * v_c)
+
+
+@dataclass
+class Cell:
+    cid: int
+    start: int          # frame at which the cell is at (x, y)
+    x: float
+    y: float
+    r: float = 14.0
+    scale: float = 1.0  # speed relative to the flow
+    lost_at: int = 10 ** 9   # no detections from this frame on
+    pos: dict = field(default_factory=dict)   # frame -> (x, y) while visible
+
+
+def simulate(g: ChipGeometry, cells: list[Cell], n_frames: int, *, v_c=7.0, p_miss=0.0,
+             jitter=0.0, spurious=0.0, rng=None, min_area=50):
+    """Per-frame blob lists plus the truth (filled into ``cell.pos``)."""
+    rng = rng or np.random.default_rng(0)
+    per_frame = [[] for _ in range(n_frames)]
+    for c in cells:
+        x, y = c.x, c.y
+        for f in range(c.start, n_frames):
+            if f > c.start:
+                x += speed(g, x, v_c) * c.scale
+                room = max(halfwidth(g, x) - c.r, 0.0)   # the walls push the cell inwards
+                y = g.axis_y + min(max(y - g.axis_y, -room), room)
+            if x - c.r >= g.width:
+                break
+            x0, x1 = max(0.0, x - c.r), min(float(g.width), x + c.r)
+            if x1 <= x0:
+                continue
+            frac = (x1 - x0) / (2 * c.r)
+            area = int(math.pi * c.r * c.r * frac)
+            if area < min_area:
+                continue
+            c.pos[f] = (x, y)
+            if f >= c.lost_at or rng.random() < p_miss:
+                continue
+            cx = 0.5 * (x0 + x1) + rng.normal(0, jitter) if jitter else 0.5 * (x0 + x1)
+            cy = y + (rng.normal(0, jitter) if jitter else 0.0)
+            box = (int(math.floor(x0)), int(math.floor(y - c.r)), int(math.ceil(x1)),
+                   int(math.ceil(y + c.r)))
+            per_frame[f].append(Blob(f, float(cx), float(cy), area, box, perimeter=2 * math.pi * c.r,
+                                     deform=0.05, major=2 * c.r, minor=2 * c.r, brightness=100.0))
+    if spurious:
+        for f in range(n_frames):
+            if rng.random() < spurious:
+                x, y = rng.uniform(0, g.width), rng.uniform(10, g.height - 10)
+                per_frame[f].append(Blob(f, x, y, 60, (int(x) - 4, int(y) - 4, int(x) + 4,
+                                                       int(y) + 4)))
+    return per_frame
+
+
+def run_linker(cfg, g, per_frame, start_index=0):
+    linker = Linker(cfg, g)
+    img = np.zeros((g.height, g.width), np.uint8)
+    clips, live = [], []
+    for f, blobs in enumerate(per_frame):
+        clips += linker.next_level(Frame(start_index + f, 1000 * f, img), blobs)
+        live.append(linker.live)
+    clips += linker.flush()
+    return linker, clips, live
+
+
+def score(clips, cells, tol=8.0):
+    """Map each clip to truth cells frame by frame: (owner per clip, switches, clips per cell)."""
+    owners, switches = [], 0
+    for clip in clips:
+        ids = []
+        for f, (x, y), a in zip(clip.frame_indices, clip.centroids, clip.areas):
+            if a == 0:
+                continue
+            best, bd = None, tol
+            for c in cells:
+                p = c.pos.get(int(f))
+                if p is not None:
+                    d = math.hypot(p[0] - x, p[1] - y)
+                    # centroid of a cut cell at the image edge is the visible part's centre
+                    d = min(d, abs(p[1] - y) + max(0.0, abs(p[0] - x) - c.r))
+                    if d < bd:
+                        best, bd = c.cid, d
+            ids.append(best)
+        real = [i for i in ids if i is not None]
+        owner = max(set(real), key=real.count) if real else None
+        owners.append(owner)
+        switches += sum(1 for a, b in zip(real, real[1:]) if a != b)
+    per_cell = {c.cid: owners.count(c.cid) for c in cells}
+    return owners, switches, per_cell
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config()
+
+
+def entering(cid, start, y, **kw):
+    return Cell(cid, start, -15.0, y, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# predictors and assignment
+# --------------------------------------------------------------------------------------------
+
+def test_flow_predict_learns_profile_and_integrates_through_gaps():
+    g = geometry()
+    p = make_predictor("flow", g, bin_px=8.0)
+    # teach: many tracks moving along the axis with the channel profile
+    for _ in range(5):
+        s = TrackState(20.0, g.axis_y, 0)
+        x, f = 20.0, 0
+        while x < 780:
+            x += speed(g, x, 7.0)
+            f += 1
+            p.observe(s, x, g.axis_y, f)
+    fx_in, _, known = p.field(100.0, g.axis_y)
+    fx_c, _, known_c = p.field(400.0, g.axis_y)
+    assert known and known_c
+    assert fx_in == pytest.approx(speed(g, 100.0, 7.0), rel=0.1)
+    assert fx_c == pytest.approx(7.0, rel=0.05)
+    # a new track entering the constriction: predicted 5 frames ahead by integrating the field
+    s = TrackState(280.0, g.axis_y, 0)
+    x = 280.0
+    for _ in range(5):
+        x += speed(g, x, 7.0)
+    px, _ = p.predict(s, 5)
+    assert px == pytest.approx(x, abs=3.0)
+    # constant velocity would be far off: it has no velocity yet and uses the prior 0
+    v = make_predictor("velocity", g)
+    assert v.predict(TrackState(280.0, g.axis_y, 0), 5)[0] == 280.0
+
+
+def test_flow_predict_falls_back_to_own_velocity_then_prior():
+    g = geometry()
+    p = make_predictor("flow", g, prior_vx=2.0)
+    s = TrackState(100.0, 70.0, 0)
+    assert p.predict(s, 3) == (106.0, 70.0)        # prior
+    p.observe(s, 104.0, 71.0, 1, learn=False)
+    assert p.predict(s, 2) == (108.0, 72.0)        # own velocity, 1 frame on
+    with pytest.raises(ValueError, match="unknown predictor 'kalman'"):
+        make_predictor("kalman", g)
+
+
+def test_subnets_and_strategies():
+    links = {(0, 0): 0.1, (0, 1): 0.2, (1, 1): 0.1, (2, 5): 0.3}
+    nets = subnets(links)
+    assert sorted(nets) == [([0, 1], [0, 1]), ([2], [5])]
+    # the classic case where greedy is wrong: track 0 is nearest to blob 1, but only track 0
+    # can reach blob 0
+    costs = {(0, 0): 0.5, (0, 1): 0.1, (1, 1): 0.2}
+    assert sorted(assign_lsa([0, 1], [0, 1], costs, 1.0)) == [(0, 0), (1, 1)]
+    assert sorted(assign_greedy([0, 1], [0, 1], costs, 1.0)) == [(0, 1)]
+    a = Assigner("lsa")
+    assert sorted(a(costs, 1.0)) == [(0, 0), (1, 1)]
+    assert a.stats["contested"] == 1
+    capped = Assigner("lsa", max_subnet=1)
+    assert sorted(capped(costs, 1.0)) == [(0, 1)]
+    assert capped.stats["ambiguous"] == 1
+    with pytest.raises(ValueError, match="unknown assignment strategy 'hungry'"):
+        Assigner("hungry")
+
+
+# --------------------------------------------------------------------------------------------
+# the linker
+# --------------------------------------------------------------------------------------------
+
+def test_clean_stream_one_complete_track_per_cell(cfg):
+    g = geometry()
+    cells = [entering(i, 40 * i, 40 + (i * 37) % 70) for i in range(12)]
+    per_frame = simulate(g, cells, 900)
+    linker, clips, live = run_linker(cfg, g, per_frame)
+    owners, switches, per_cell = score(clips, cells)
+    assert switches == 0
+    assert all(n == 1 for n in per_cell.values()), per_cell
+    assert all(c.status is TrackStatus.COMPLETE and c.reason == "" for c in clips)
+    assert linker.stats["complete"] == 12 and linker.stats["truncated"] == 0
+    # frames of a clip: consecutive, from entry to exit
+    for clip, owner in zip(clips, owners):
+        cell = cells[owner]
+        assert clip.frame_indices[0] == min(cell.pos)
+        assert clip.frame_indices[-1] == max(cell.pos)
+        assert np.all(np.diff(clip.frame_indices) == 1)
+        assert clip.t0_ns == 1000 * clip.frame_indices[0]
+        assert clip.t_exit_ns >= 1000 * clip.frame_indices[-1]
+    assert max(live) <= max(len(b) for b in per_frame)
+
+
+def test_missed_detections_jitter_and_spurious_blobs(cfg):
+    g = geometry()
+    rng = np.random.default_rng(3)
+    cells = [entering(i, 45 * i, rng.uniform(30, 120)) for i in range(20)]
+    per_frame = simulate(g, cells, 1300, p_miss=0.08, jitter=0.8, spurious=0.05, rng=rng)
+    linker, clips, _ = run_linker(cfg, g, per_frame)
+    owners, switches, per_cell = score(clips, cells)
+    assert switches == 0
+    assert all(n == 1 for n in per_cell.values()), per_cell
+    real = [c for c, o in zip(clips, owners) if o is not None]
+    assert all(c.status is TrackStatus.COMPLETE for c in real)
+    assert linker.stats["gap_frames"] > 0
+    assert linker.stats["dropped_short"] > 0          # the spurious blobs
+    # missed frames are in the clip with area 0, at the predicted position
+    gaps = np.concatenate([c.areas for c in real]) == 0
+    assert gaps.any()
+
+
+def test_gap_longer_than_max_gap_splits_and_marks_lost(cfg):
+    g = geometry()
+    cell = entering(0, 0, 75.0)
+    per_frame = simulate(g, [cell], 400)
+    # remove 6 consecutive detections in the constriction
+    frames_c = [f for f, (x, _) in sorted(cell.pos.items()) if 350 < x < 500][:6]
+    for f in frames_c:
+        per_frame[f] = []
+    linker, clips, _ = run_linker(cfg, g, per_frame)
+    assert len(clips) == 2
+    assert clips[0].status is TrackStatus.TRUNCATED and clips[0].reason == "lost mid-channel"
+    assert clips[1].reason == "appeared mid-channel"
+    # a gap of max_gap frames is bridged
+    cell = entering(0, 0, 75.0)
+    per_frame = simulate(g, [cell], 400)
+    for f in frames_c[:cfg.tracker.max_gap]:
+        per_frame[f] = []
+    _, clips, _ = run_linker(cfg, g, per_frame)
+    assert len(clips) == 1 and clips[0].status is TrackStatus.COMPLETE
+    assert (clips[0].areas == 0).sum() == cfg.tracker.max_gap
+
+
+@pytest.mark.parametrize("dy", [24.0, 28.0, 32.0, 40.0])
+def test_near_collisions_keep_identities(cfg, dy):
+    """Two cells side by side in the inlet, one faster, converging: no swap, no merge loss."""
+    g = geometry()
+    a = Cell(0, 5, -15.0, 75.0 - dy / 2)
+    b = Cell(1, 0, -15.0, 75.0 + dy / 2, scale=1.15)     # slightly ahead and faster
+    # a third cell following closely behind a (about one diameter apart at the slowest)
+    c = Cell(2, 25, -15.0, 75.0 - dy / 2)
+    # teach the flow with a few cells first, then the close encounter
+    lead = [entering(10 + i, 40 * i, 75.0) for i in range(4)]
+    for cell in (a, b, c):
+        cell.start += 200
+    cells = lead + [a, b, c]
+    per_frame = simulate(g, cells, 700)
+    _, clips, _ = run_linker(cfg, g, per_frame)
+    owners, switches, per_cell = score(clips, cells)
+    assert switches == 0
+    assert all(n == 1 for n in per_cell.values()), per_cell
+
+
+def test_merged_cells_are_carried_through_contact(cfg):
+    """Two cells touching for a few frames give one big blob: both tracks survive."""
+    g = geometry()
+    lead = [entering(10 + i, 40 * i, 75.0) for i in range(4)]
+    a = Cell(0, 200, -15.0, 60.0)
+    b = Cell(1, 218, -15.0, 92.0)      # one diameter behind a, lower in the funnel
+    cells = lead + [a, b]
+    per_frame = simulate(g, cells, 700)
+    # replace the two blobs by one merged blob for 6 frames while both are in the inlet
+    merged_frames = [f for f in range(280, 286)]
+    for f in merged_frames:
+        bl = [x for x in per_frame[f] if x.cy > 50]
+        pa = min(bl, key=lambda x: abs(x.cy - a.pos[f][1]))
+        pb = min(bl, key=lambda x: abs(x.cy - b.pos[f][1]))
+        rest = [x for x in per_frame[f] if x is not pa and x is not pb]
+        box = (min(pa.bbox[0], pb.bbox[0]), min(pa.bbox[1], pb.bbox[1]),
+               max(pa.bbox[2], pb.bbox[2]), max(pa.bbox[3], pb.bbox[3]))
+        m = Blob(f, (pa.cx + pb.cx) / 2, (pa.cy + pb.cy) / 2, pa.area + pb.area, box)
+        per_frame[f] = rest + [m]
+    linker, clips, _ = run_linker(cfg, g, per_frame)
+    owners, switches, per_cell = score(clips, cells)
+    assert switches == 0
+    assert per_cell[0] == 1 and per_cell[1] == 1, per_cell
+    assert linker.stats["merged_frames"] >= 2 * len(merged_frames) - 2
+    for clip, o in zip(clips, owners):
+        if o in (0, 1):
+            assert clip.status is TrackStatus.COMPLETE
+
+
+def test_in_view_at_start_lost_mid_channel_and_end_of_stream(cfg):
+    g = geometry()
+    cells = [Cell(0, 0, 420.0, 75.0),              # in the constriction when recording starts
+             entering(1, 0, 75.0, lost_at=150),    # lost mid-channel
+             entering(2, 260, 75.0)]               # still in view at the end
+    per_frame = simulate(g, cells, 330)
+    linker, clips, live = run_linker(cfg, g, per_frame)
+    owners, switches, per_cell = score(clips, cells)
+    by_owner = dict(zip(owners, clips))
+    assert set(by_owner) == {0, 1, 2}
+    assert by_owner[0].status is TrackStatus.TRUNCATED
+    assert by_owner[0].reason == "in view at start"
+    assert by_owner[1].reason == "lost mid-channel"
+    assert by_owner[2].reason == "end of stream"
+    assert all(by_owner[k].status is TrackStatus.TRUNCATED for k in (0, 1, 2))
+    # the lost cell is emitted max_gap + 1 frames after its last detection, not at the end
+    assert by_owner[1].t_exit_ns == 1000 * (149 + cfg.tracker.max_gap + 1)
+    assert linker.live == 0
+
+
+def test_flush_emits_each_live_track_once(cfg):
+    g = geometry()
+    cells = [entering(i, 10 * i, 40 + 25 * i) for i in range(3)]
+    per_frame = simulate(g, cells, 80)
+    linker = Linker(cfg, g)
+    img = np.zeros((g.height, g.width), np.uint8)
+    out = []
+    for f, blobs in enumerate(per_frame):
+        out += linker.next_level(Frame(f, f, img), blobs)
+    assert out == [] and linker.live == 3
+    rest = linker.flush()
+    assert len(rest) == 3 and {c.reason for c in rest} == {"end of stream"}
+    assert sorted(c.cell_id for c in rest) == [0, 1, 2]
+    assert linker.flush() == [] and linker.live == 0
+
+
+def test_bounded_live_tracks_over_a_long_stream(cfg):
+    g = geometry()
+    rng = np.random.default_rng(5)
+    cells = [entering(i, 30 * i, rng.uniform(30, 120)) for i in range(60)]
+    per_frame = simulate(g, cells, 2000, p_miss=0.05, spurious=0.1, rng=rng)
+    linker, clips, live = run_linker(cfg, g, per_frame)
+    in_view = [sum(f in c.pos for c in cells) for f in range(len(per_frame))]
+    # live tracks: the cells in view, plus the few spurious blobs waiting out their gap
+    assert max(live) <= max(in_view) + 3
+    assert live[-1] <= in_view[-1] + 3
+    assert linker.stats["live_max"] == max(live)
+    owners, switches, per_cell = score(clips, cells)
+    assert switches == 0
+    assert sum(n == 1 for n in per_cell.values()) >= 59
+
+
+def test_too_long_track_is_emitted_once_and_kept_as_tail(cfg):
+    g = geometry()
+    small = cfg.replace(clips={"max_frames": 40})
+    cell = entering(0, 0, 75.0)
+    per_frame = simulate(g, [cell], 400)
+    _, clips, _ = run_linker(small, g, per_frame)
+    assert len(clips) == 1
+    assert clips[0].n_frames == 40 and clips[0].reason == "too long"
+
+
+def test_static_debris_is_dropped(cfg):
+    g = geometry()
+    per_frame = [[Blob(f, 200.0, 40.0, 80, (195, 35, 205, 45))] for f in range(100)]
+    linker, clips, _ = run_linker(cfg, g, per_frame)
+    assert clips == [] and linker.stats["dropped_static"] == 1
+
+
+def test_camera_gaps_in_frame_numbers(cfg):
+    """Frames the camera lost: numbers skip, the flow carries the prediction across."""
+    g = geometry()
+    lead = [entering(10 + i, 40 * i, 75.0) for i in range(4)]
+    cell = entering(0, 200, 75.0)
+    per_frame = simulate(g, lead + [cell], 600)
+    linker = Linker(cfg, g)
+    img = np.zeros((g.height, g.width), np.uint8)
+    clips = []
+    # 4 frames lost by the camera while the cell accelerates into the constriction
+    lost = set([f for f, (x, _) in sorted(cell.pos.items()) if x > 270][:4])
+    for f, blobs in enumerate(per_frame):
+        if f in lost:
+            continue
+        clips += linker.next_level(Frame(f, f, img), blobs)
+    clips += linker.flush()
+    owners, switches, per_cell = score(clips, lead + [cell])
+    assert per_cell[0] == 1 and switches == 0
+    clip = clips[owners.index(0)]
+    assert not set(clip.frame_indices.tolist()) & lost
+    assert clip.status is TrackStatus.COMPLETE
+
+
+def test_greedy_and_lsa_are_both_usable(cfg):
+    g = geometry()
+    cells = [entering(i, 40 * i, 75.0) for i in range(5)]
+    per_frame = simulate(g, cells, 500)
+    for name in ("lsa", "greedy"):
+        c2 = cfg.replace(tracker={"assign": name})
+        _, clips, _ = run_linker(c2, g, per_frame)
+        assert len(clips) == 5
+
+
+def test_frame_validation(cfg):
+    g = geometry()
+    linker = Linker(cfg, g)
+    with pytest.raises(DetectError, match=r"shape \(10, 10\)"):
+        linker.next_level(Frame(0, 0, np.zeros((10, 10), np.uint8)), [])
+    img = np.zeros((g.height, g.width), np.uint8)
+    linker.next_level(Frame(5, 0, img), [])
+    with pytest.raises(DetectError, match="frame number 5 does not follow 5"):
+        linker.next_level(Frame(5, 0, img), [])
+
+
+def test_features_attached_to_clips(cfg):
+    g = geometry()
+    cells = [entering(0, 0, 75.0)]
+    per_frame = simulate(g, cells, 400)
+    _, clips, _ = run_linker(cfg, g, per_frame)
+    f = clips[0].features
+    assert f["deform"] == pytest.approx(0.05)
+    assert f["vel_in"] == pytest.approx(7.0, rel=0.05)
+    assert f["vel_inlet"] < f["vel_in"]
+    assert f["transit_ms"] == pytest.approx(260 / 7.0 / cfg.camera.fps * 1e3, rel=0.05)
