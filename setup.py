@@ -16,6 +16,7 @@ setup(
         "opencv-python-headless>=4.9",   # video replay, reference front end
         "tifffile>=2024.1",              # lazy multipage TIFF replay and writing
         "h5py>=3.10",                    # HDF5 / RT-DC replay, clips.h5
+        "hdf5plugin>=4",                 # RT-DC files are Zstandard-compressed (filter 32015)
         "pyarrow>=15",                   # tracks.parquet / cells.parquet
         "pyyaml>=6",                     # configs
         "pyzmq>=25",                     # clip transport

@@ -89,10 +89,10 @@ def run_queue(n: int, slots: int) -> dict:
     q = ctx.Queue(maxsize=slots)
     p = ctx.Process(target=_queue_writer, args=(q, n), daemon=True)
     p.start()
-    item = q.get(timeout=60)
+    q.get(timeout=60)
     t0 = time.perf_counter()
     count = 1
-    while (item := q.get()) is not None:
+    while q.get() is not None:
         count += 1
     dt = time.perf_counter() - t0
     p.join(30)

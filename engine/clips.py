@@ -20,6 +20,8 @@ integer pixel (cx, cy) lands exactly there.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .types import CellClip, TrackStatus
@@ -30,7 +32,8 @@ __all__ = ["ClipCutter", "ClipRecorder", "cut_fixed", "cut_square", "SHAPE_FIELD
 SHAPE_FIELDS = ("perimeter", "deform", "major", "minor", "orientation", "brightness")
 
 
-def cut_fixed(image: np.ndarray, cx: float, cy: float, size: int) -> np.ndarray:
+def cut_fixed(image: np.ndarray, cx: float, cy: float, size: int,
+              out: np.ndarray | None = None) -> np.ndarray:
     """A ``size`` x ``size`` copy of ``image`` centred on (cx, cy) [px], edge-padded.
 
     Parameters
@@ -40,21 +43,42 @@ def cut_fixed(image: np.ndarray, cx: float, cy: float, size: int) -> np.ndarray:
         Centre [px]; rounded to the nearest pixel.
     size : int
         Canvas side [px].
+    out : ndarray of uint8, shape (size, size), optional
+        Where to write the crop (e.g. a slot of a clip buffer).
 
     Returns
     -------
     ndarray of uint8, shape (size, size)
-        A new array (never a view of ``image``).
+        ``out``, or a new array (never a view of ``image``).
     """
     h, w = image.shape
     half = size // 2
-    x0 = int(np.floor(cx + 0.5)) - half
-    y0 = int(np.floor(cy + 0.5)) - half
+    x0 = math.floor(cx + 0.5) - half
+    y0 = math.floor(cy + 0.5) - half
+    if out is None:
+        out = np.empty((size, size), np.uint8)
     if x0 >= 0 and y0 >= 0 and x0 + size <= w and y0 + size <= h:
-        return image[y0:y0 + size, x0:x0 + size].copy()
-    rows = np.clip(np.arange(y0, y0 + size), 0, h - 1)
-    cols = np.clip(np.arange(x0, x0 + size), 0, w - 1)
-    return image[rows[:, None], cols[None, :]]
+        out[...] = image[y0:y0 + size, x0:x0 + size]
+        return out
+    ys0, ys1 = max(y0, 0), min(y0 + size, h)
+    xs0, xs1 = max(x0, 0), min(x0 + size, w)
+    if ys0 >= ys1 or xs0 >= xs1:          # the canvas misses the image: nearest edge pixels
+        rows = np.clip(np.arange(y0, y0 + size), 0, h - 1)
+        cols = np.clip(np.arange(x0, x0 + size), 0, w - 1)
+        out[...] = image[rows[:, None], cols[None, :]]
+        return out
+    oy0, ox0 = ys0 - y0, xs0 - x0
+    oy1, ox1 = oy0 + (ys1 - ys0), ox0 + (xs1 - xs0)
+    out[oy0:oy1, ox0:ox1] = image[ys0:ys1, xs0:xs1]
+    if ox0 > 0:                            # repeat the edge column / row outwards
+        out[oy0:oy1, :ox0] = out[oy0:oy1, ox0:ox0 + 1]
+    if ox1 < size:
+        out[oy0:oy1, ox1:] = out[oy0:oy1, ox1 - 1:ox1]
+    if oy0 > 0:
+        out[:oy0] = out[oy0:oy0 + 1]
+    if oy1 < size:
+        out[oy1:] = out[oy1 - 1:oy1]
+    return out
 
 
 def cut_square(image: np.ndarray, box, size: int, pad: int = 0) -> np.ndarray:
@@ -96,16 +120,23 @@ class ClipCutter:
             raise ValueError(f"clips.mode: unknown mode {self.mode!r}; "
                              "choose 'fixed' or 'bbox-resize'")
 
-    def __call__(self, image: np.ndarray, cx: float, cy: float, box) -> np.ndarray:
+    def __call__(self, image: np.ndarray, cx: float, cy: float, box,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """The crop of one frame (written into ``out`` when given)."""
         if self.mode == "fixed":
-            return cut_fixed(image, cx, cy, self.size)
-        return cut_square(image, box, self.size, self.pad)
+            return cut_fixed(image, cx, cy, self.size, out)
+        crop = cut_square(image, box, self.size, self.pad)
+        if out is None:
+            return crop
+        out[...] = crop
+        return out
 
 
 class ClipRecorder:
     """Collects one cell's crops and per-frame numbers while its track is live.
 
-    Storage grows by doubling up to ``max_frames``; everything is copied, nothing refers to a
+    Crops go into a uint8 buffer that grows by doubling up to ``max_frames``; the per-frame
+    numbers into Python lists (cheap to append). Everything is copied: nothing refers to a
     frame after :meth:`add` returns.
     """
 
@@ -118,53 +149,60 @@ class ClipRecorder:
         cap = max(1, min(capacity, self.max_frames))
         self.n = 0
         self.frames = np.empty((cap, self.size, self.size), np.uint8)
-        self.index = np.empty(cap, np.int64)
-        self.t_ns = np.empty(cap, np.int64)
-        self.cxy = np.empty((cap, 2), np.float32)
-        self.box = np.empty((cap, 4), np.int32)
-        self.area = np.empty(cap, np.int32)
-        self.shape = np.full((cap, len(SHAPE_FIELDS)), np.nan, np.float32)
+        self.index: list[int] = []
+        self.t_ns: list[int] = []
+        self.cxy: list[tuple[float, float]] = []
+        self.box: list[tuple[int, int, int, int]] = []
+        self.area: list[int] = []
+        self.shape: list = []
         self.n_detected = 0
-        self.last_detected = -1   # position (in this clip) of the last detected frame
+        self.last_detected = -1   # position (in this clip) of the last seen frame
 
     @property
     def full(self) -> bool:
         return self.n >= self.max_frames
 
-    def _grow(self) -> None:
-        cap = min(2 * self.frames.shape[0], self.max_frames)
-        for name in ("frames", "index", "t_ns", "cxy", "box", "area", "shape"):
-            old = getattr(self, name)
-            new = np.empty((cap,) + old.shape[1:], old.dtype)
-            new[:self.n] = old[:self.n]
-            setattr(self, name, new)
-
-    def add(self, crop: np.ndarray, index: int, t_ns: int, cx: float, cy: float, box,
-            area: int, shape=None) -> None:
-        """Append one frame. ``area`` 0 and ``shape`` None mark a frame without a detection."""
+    def slot(self) -> np.ndarray:
+        """The (size, size) buffer the next frame's crop is to be written into."""
         if self.n >= self.max_frames:
             raise IndexError("ClipRecorder is full; check .full before adding")
         if self.n == self.frames.shape[0]:
-            self._grow()
+            cap = min(2 * self.frames.shape[0], self.max_frames)
+            new = np.empty((cap, self.size, self.size), np.uint8)
+            new[:self.n] = self.frames[:self.n]
+            self.frames = new
+        return self.frames[self.n]
+
+    def add(self, crop: np.ndarray | None, index: int, t_ns: int, cx: float, cy: float, box,
+            area: int, shape=None, *, seen: bool | None = None) -> None:
+        """Append one frame.
+
+        ``crop`` None means it was already written into :meth:`slot`. ``shape`` (the blob's
+        statistics) None marks a frame without a measurement; ``seen`` (default: ``shape`` is
+        given) marks a frame in which the cell was seen, so that the clip runs up to it.
+        """
+        buf = self.slot()
+        if crop is not None:
+            buf[...] = crop
         i = self.n
-        self.frames[i] = crop
-        self.index[i] = index
-        self.t_ns[i] = t_ns
-        self.cxy[i, 0] = cx
-        self.cxy[i, 1] = cy
-        self.box[i] = box
-        self.area[i] = area
+        self.index.append(int(index))
+        self.t_ns.append(int(t_ns))
+        self.cxy.append((cx, cy))
+        self.box.append(box)
+        self.area.append(int(area))
+        self.shape.append(shape)
         if shape is not None:
-            self.shape[i] = shape
             self.n_detected += 1
+        if seen or (seen is None and shape is not None):
             self.last_detected = i
-        else:
-            self.shape[i] = np.nan
         self.n = i + 1
 
     def trim_to_last_detection(self) -> None:
         """Forget trailing frames that were only predicted (the track ended in a gap)."""
-        self.n = self.last_detected + 1
+        n = self.last_detected + 1
+        self.n = n
+        for lst in (self.index, self.t_ns, self.cxy, self.box, self.area, self.shape):
+            del lst[n:]
 
     def build(self, cell_id: int, status: TrackStatus, reason: str, t_exit_ns: int,
               features=None) -> CellClip:
@@ -172,11 +210,17 @@ class ClipRecorder:
         n = self.n
         return CellClip(
             cell_id=int(cell_id), frames=self.frames[:n].copy(),
-            frame_indices=self.index[:n].copy(), centroids=self.cxy[:n].copy(),
-            boxes=self.box[:n].copy(), areas=self.area[:n].copy(), status=status,
-            reason=reason, t0_ns=int(self.t_ns[0]) if n else 0, t_exit_ns=int(t_exit_ns),
+            frame_indices=np.array(self.index[:n], np.int64),
+            centroids=np.array(self.cxy[:n], np.float32).reshape(n, 2),
+            boxes=np.array(self.box[:n], np.int32).reshape(n, 4),
+            areas=np.array(self.area[:n], np.int32), status=status,
+            reason=reason, t0_ns=self.t_ns[0] if n else 0, t_exit_ns=int(t_exit_ns),
             features=dict(features or {}))
 
     def shapes(self) -> np.ndarray:
         """Per-frame blob statistics, float32 (T, len(SHAPE_FIELDS)); NaN where missed."""
-        return self.shape[:self.n].copy()
+        out = np.full((self.n, len(SHAPE_FIELDS)), np.nan, np.float32)
+        for i, sh in enumerate(self.shape[:self.n]):
+            if sh is not None:
+                out[i] = sh
+        return out

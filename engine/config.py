@@ -88,13 +88,17 @@ class FrontEndConfig:
     roi_margin: int = opt(6, lo=0, help="region grown around each seed blob [px]")
     polarity: Literal["both", "dark", "bright"] = opt(
         "both", help="foreground is |frame - bg| > T (both), frame - bg < -T (dark) or > T (bright)")
+    static_frames: int = opt(10, lo=0, help="blobs that stay put (<= 1 px) this many frames are "
+                             "stuck debris and dropped (0: keep all)")
+    fill_holes: bool = opt(True, help="fill holes in blobs (a cell centre as bright as the "
+                           "background), as dclab's masks")
     illumination: bool = opt(True, help="subtract each frame's median offset from the background")
     rejoin_min_deform: float = opt(0.1, lo=0, hi=1, help="a part needs deformation >= this "
                                    "(low circularity) to be re-joined")
     min_area: int = opt(50, lo=1, help="drop blobs smaller than this [px²]")
     max_area: int = opt(5000, lo=1, help="drop blobs larger than this [px²]")
     rejoin: bool = opt(True, help="re-join a cell split in two (report §3.6.1)")
-    rejoin_max_gap: float = opt(6.0, lo=0, help="largest gap between the boxes of two parts [px]")
+    rejoin_max_gap: float = opt(10.0, lo=0, help="largest gap between the boxes of two parts [px]")
     geometry: Literal["auto", "config"] = opt(
         "auto", help="find the channel from the background (auto) or take it from chip")
 
@@ -177,12 +181,12 @@ class SimConfig:
     speed_exponent: float = opt(0.5, lo=0,
                                 help="speed ~ (constriction width / local width)^exponent")
     min_gap_px: float = opt(3.0, lo=0, help="closest approach of two cells along x [px]")
-    deform_maternal: float = opt(0.48, lo=0, hi=0.9,
+    deform_maternal: float = opt(0.46, lo=0, hi=0.9,
                                  help="maternal deformation (a-b)/(a+b) in the constriction")
-    deform_fetal: float = opt(0.42, lo=0, hi=0.9,
+    deform_fetal: float = opt(0.43, lo=0, hi=0.9,
                               help="fetal deformation (a-b)/(a+b) in the constriction")
     deform_sd: float = opt(0.03, lo=0, help="per-cell spread of the deformation")
-    shape_noise: float = opt(0.015, lo=0, help="frame-to-frame jitter of the deformation")
+    shape_noise: float = opt(0.03, lo=0, help="frame-to-frame jitter of the deformation")
     relax_frames_maternal: float = opt(5.0, lo=0, lo_open=True,
                                        help="maternal shape relaxation time after the constriction [frames]")
     relax_frames_fetal: float = opt(12.0, lo=0, lo_open=True,

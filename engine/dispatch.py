@@ -263,6 +263,17 @@ class Dispatcher:
             c["outstanding"] = len(self._entries)
         return c
 
+    def worker_info(self) -> list[dict]:
+        """A snapshot of the live workers: name, model id, credit, clips held, answered."""
+        for _ in range(10):
+            try:
+                return [{"name": w.name, "model_id": w.model_id, "credit": w.credit,
+                         "inflight": len(w.inflight), "answered": w.answered}
+                        for w in list(self._workers.values())]
+            except RuntimeError:          # changed by the loop thread meanwhile; try again
+                continue
+        return []
+
     @property
     def spill_dir(self) -> Path | None:
         return self._spill_dir

@@ -36,6 +36,7 @@ The report writer reads a run folder (``manifest.json``, ``cells.parquet``) and 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -445,7 +446,8 @@ def write_report(run_dir: str | os.PathLike, cfg=None, method: str = "auto") -> 
     n_rows = len(next(iter(cols.values()))) if cols else 0
     label = np.asarray(cols.get("label", np.full(n_rows, "", object)), dtype=object)
     p_fetal = np.asarray(cols.get("p_fetal", np.full(n_rows, np.nan)), dtype=np.float64)
-    classified = np.array([isinstance(v, str) and v != "" for v in label]) & np.isfinite(p_fetal)
+    classified = np.array([isinstance(v, str) and v != "" for v in label], dtype=bool) \
+        & np.isfinite(p_fetal)
     is_fetal = classified & (label == FETAL)
     n_cls, n_fet = int(classified.sum()), int(is_fetal.sum())
     model = manifest.get("model") or {}
@@ -465,8 +467,9 @@ def write_report(run_dir: str | os.PathLike, cfg=None, method: str = "auto") -> 
                                   method=method)
         except ReportError as exc:
             error = f"The fraction cannot be corrected: {exc}."
-            stats_ = sample_stats(n_fet, n_cls, {}, rc.maternal_blood_volume_ml,
-                                  rc.relevant_bleed_ml, rc.confidence, n_cells=n_rows)
+            stats_ = dataclasses.replace(
+                sample_stats(n_fet, n_cls, {}, rc.maternal_blood_volume_ml,
+                             rc.relevant_bleed_ml, rc.confidence, n_cells=n_rows), notes=())
     figures, fig_notes = _figures(run, cols, classified, is_fetal, manifest, cfg)
     notes += fig_notes
     headline = _headline(stats_, error)
@@ -645,14 +648,18 @@ def _figures(run: Path, cols, classified, is_fetal, manifest, cfg):
     fps = _get(manifest, "config", "camera", "fps") or _get(manifest, "source", "fps") \
         or cfg.camera.fps
     _, last = _first(cols, ("last_frame", "first_frame"))
+    _, first = _first(cols, ("first_frame",))
     if last is not None and np.isfinite(last).any():
-        t = last[np.isfinite(last)] / float(fps)
-        t = t - t.min() if t.size else t
-        edges = np.arange(0, max(1.0, math.ceil(t.max()) + 1.0) if t.size else 1.0, 1.0)
+        ok = np.isfinite(last)
+        origin = np.nanmin(first) if first is not None and np.isfinite(first).any() \
+            else last[ok].min()
+        t = (last[ok] - origin) / float(fps)          # when each cell left the channel [s]
+        edges = np.arange(0.0, math.floor(t.max()) + 2.0, 1.0)
+        h, _ = np.histogram(t, bins=edges)
         fig = Figure(figsize=(6, 3.5))
         ax = fig.add_subplot()
-        h, _ = np.histogram(t, bins=edges)
-        ax.step(edges[:-1], h, where="post", color="0.2")
+        ax.stairs(h, edges, color="0.2")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel(f"time in run [s] (frame / {float(fps):g} fps)")
         ax.set_ylabel("cells per second")
         save(fig, "cells_per_second.png", "Cells per second over the run")

@@ -3,11 +3,14 @@
 The source (camera, replay, simulator) writes frames into the ring; the front end reads them in
 another process. The ring never allocates after creation and never drops a frame silently::
 
-    ring = FrameRing.create(shape=(150, 800), slots=512, policy="block")   # owner
+    ring = FrameRing.create(shape=(150, 800), slots=512, policy="block", peers=2)  # owner
     # in the writer process:                 # in the reader process:
     w = FrameRing.attach(ring.name)          r = FrameRing.attach(ring.name)
     w.put(frame)                             while (frame := r.get()) is not None:
     w.close_writer()                             process(frame)
+
+``get(timeout=...)`` also returns None when no frame came in time; :attr:`FrameRing.eos` tells
+the end of the stream from a timeout. Counters: :attr:`FrameRing.stats`.
 
 Policies (what ``put`` does when every slot holds an unread frame)
 ------------------------------------------------------------------
@@ -480,14 +483,14 @@ class FrameRing:
         Returns
         -------
         Frame or None
-            The frame (its image a read-only view, valid until the next ``get``), or None
+            The frame (its image a read-only view, valid until the next ``get``); or None
             once the writer has called :meth:`close_writer` and every frame was returned or
-            counted as dropped.
+            counted as dropped (then :attr:`eos` is True); or None when ``timeout`` passed
+            without a frame (:attr:`eos` is False). With ``timeout=None``, None always means
+            the end of the stream.
 
         Raises
         ------
-        TimeoutError
-            No frame arrived within ``timeout``.
         SourceError
             The writer died without closing the stream (after every committed frame was
             returned), or a second reader.
@@ -550,7 +553,7 @@ class FrameRing:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 h[_H_RWAIT_NS] = h[_H_RWAIT_NS] + int((now - t0) * 1e9)
-                raise TimeoutError(f"ring {self.name!r}: no frame within {timeout} s")
+                return None                      # timed out: eos stays False
             if now >= next_check:
                 next_check = now + _PEER_CHECK_S
                 pid = int(h[_H_WPID])
@@ -603,6 +606,12 @@ class FrameRing:
             "torn_retries": int(h[_H_TORN]), "closed": bool(h[_H_CLOSED]),
             "slots": self.slots, "policy": self.policy,
         }
+
+    @property
+    def eos(self) -> bool:
+        """True once the stream is closed and every frame was returned or dropped (reader)."""
+        h = self._h
+        return bool(h[_H_CLOSED]) and self._cursor >= int(h[_H_W])
 
     @property
     def owner(self) -> bool:

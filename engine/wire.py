@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -45,6 +46,7 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 8
 MAX_RANK = 4
 MAX_STR = 4096
+MAX_DEPTH = 8
 #: Arrays at least this big [bytes] are sent without copying (pitfall 13: only pays off for
 #: big buffers).
 ZERO_COPY_BYTES = 64 * 1024
@@ -141,7 +143,7 @@ def validate_header(header: dict, n_payload: int, *, max_bytes: int) -> tuple[di
     if v != VERSION or isinstance(v, bool):
         raise WireError(f"protocol version {v!r} is not supported (expected {VERSION})")
     kind = header.get("kind")
-    if kind not in _REQUIRED:
+    if not isinstance(kind, str) or kind not in _REQUIRED:
         raise WireError(f"unknown message kind {kind!r} (known: {', '.join(KINDS)})")
     if not _type_ok(header.get("run"), (str,)):
         raise WireError(f"{kind}: 'run' must be a string, got {header.get('run')!r:.80}")
@@ -185,10 +187,10 @@ def _parse_arrays(header: dict, kind: str, n_payload: int, max_bytes: int) -> li
         if not isinstance(a, dict):
             raise WireError(f"{kind}: arrays[{i}] must be an object")
         name, dtype, shape = a.get("name"), a.get("dtype"), a.get("shape")
-        if name not in expected or name in seen:
+        if not isinstance(name, str) or name not in expected or name in seen:
             raise WireError(f"{kind}: unexpected or repeated array name {name!r:.80}")
         seen.add(name)
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise WireError(f"{kind}: array {name!r} has dtype {dtype!r:.40}; accepted: "
                             f"{', '.join(DTYPES)}")
         want_dtype, want_rank = expected[name]
@@ -282,7 +284,12 @@ def decode(frames: Sequence[Any], *, max_bytes: int) -> Message:
         raise WireError("empty message")
     if len(frames) > MAX_ARRAYS + 1:
         raise WireError(f"message has {len(frames)} frames (at most {MAX_ARRAYS + 1})")
-    header, specs = parse_header(_buffer(frames[0]), len(frames) - 1, max_bytes=max_bytes)
+    try:
+        header, specs = parse_header(_buffer(frames[0]), len(frames) - 1, max_bytes=max_bytes)
+    except (TypeError, ValueError, KeyError, OverflowError, AttributeError) as exc:
+        if isinstance(exc, WireError):
+            raise
+        raise WireError(f"malformed header ({type(exc).__name__}: {exc})") from None
     arrays = {}
     for (name, dtype, shape, nbytes), frame in zip(specs, frames[1:]):
         buf = _buffer(frame)
@@ -385,11 +392,36 @@ def recv(sock: zmq.Socket, *, max_bytes: int, routed: bool = False,
     except WireError as exc:
         _drain(sock)
         raise _error(exc, identity, header if isinstance(header, dict) else None) from None
+    except (TypeError, ValueError, KeyError, OverflowError, AttributeError) as exc:
+        # A validation gap is still a malformed message, never a crash of the receiver.
+        _drain(sock)
+        raise _error(WireError(f"malformed message ({type(exc).__name__}: {exc})"), identity,
+                     None) from None
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_OPEN = np.zeros(256, np.int8)
+_OPEN[[ord("["), ord("{")]] = 1
+_OPEN[[ord("]"), ord("}")]] = -1
+
+
+def _nesting(raw: bytes) -> int:
+    """Deepest bracket nesting of JSON text (strings ignored), vectorised."""
+    stripped = _STRING.sub(b'""', raw)
+    if not stripped:
+        return 0
+    steps = _OPEN[np.frombuffer(stripped, np.uint8)]
+    return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
 
 
 def _peek_header(buf: memoryview) -> dict:
+    raw = bytes(buf)
+    # Deeply nested JSON overflows the C stack of json's decoder (a crash, not an exception,
+    # in a thread): bound the depth before parsing.
+    if _nesting(raw) > MAX_DEPTH:
+        raise WireError(f"header JSON is nested deeper than {MAX_DEPTH} levels")
     try:
-        header = json.loads(bytes(buf).decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WireError(f"header is not UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(header, dict):

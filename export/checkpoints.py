@@ -87,9 +87,7 @@ def _plain(value: Any, what: str) -> Any:
 
 
 def _to_builtin(obj: Any) -> Any:
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    if hasattr(obj, "tolist") and callable(obj.tolist):
+    if hasattr(obj, "tolist") and callable(obj.tolist):    # numpy/torch scalars and arrays
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not a plain value")
 

@@ -85,8 +85,8 @@ def test_killed_writer_leaves_readable_store(tmp_path):
     path = tmp_path / "clips.h5"
     code = textwrap.dedent(f"""
         import os, sys
-        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
-        from test_clipstore import make_clip
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent.parent)!r})
+        from tests.test_clipstore import make_clip
         from engine.clipstore import ClipStoreWriter
         w = ClipStoreWriter({str(path)!r}, {{"donor": "d1", "label": "maternal"}}, flush_every=4)
         for i in range(10):

@@ -95,6 +95,20 @@ def test_corrected_interval_covers_true_fraction(f, n, method, n_val):
     assert coverage >= 0.93, f"coverage {coverage:.3f} for f={f}, n={n}, {method}"
 
 
+@pytest.mark.parametrize("f, n", [(0.001, 50_000), (0.01, 5_000), (0.05, 3_000)])
+def test_exact_coverage_with_known_se_sp(f, n):
+    """Coverage computed exactly (sum of binomial probabilities of every count whose interval
+    covers f), no simulation noise: Clopper-Pearson transformed keeps >= 95 %."""
+    from scipy import stats
+    p = f * SE + (1 - f) * (1 - SP)
+    ks = np.arange(int(stats.binom.ppf(1e-10, n, p)), int(stats.binom.isf(1e-10, n, p)) + 1)
+    pmf = stats.binom.pmf(ks, n, p)
+    for method, floor in (("exact", 0.95), ("wilson", 0.945)):
+        cover = [corrected_interval(int(k), n, SE, SP, method=method) for k in ks]
+        coverage = float(sum(w for w, iv in zip(pmf, cover) if iv.lo <= f <= iv.hi))
+        assert coverage >= floor, f"{method}: {coverage:.4f}"
+
+
 def test_naive_interval_would_fail_the_coverage_test():
     """The test above can fail: treating the RG estimate as if observed directly (the naive
     method Reiczigel et al. 2010 warn about) covers far less often."""

@@ -7,6 +7,7 @@ file. Pacing is checked with a fake clock; the one real-time test uses a lower b
 from __future__ import annotations
 
 import itertools
+import json
 import time
 import tracemalloc
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_round_trip_returns_exactly_the_simulator_frames(fmt, sim, cfg, tmp_path
     assert all(f.image.dtype == np.uint8 for f in got)
     assert [f.t_ns for f in got] == [round(i * 1e9 / 500.0) for i in range(N)]
     assert src.stats.frames_read == N and src.stats.gaps == 0
-    d = src.describe()
+    d = json.loads(json.dumps(src.describe()))           # JSON-safe, for the manifest
     assert d["n_frames"] == N and d["shape"] == list(frames.shape[1:])
 
 
@@ -397,6 +398,20 @@ def test_hdf5_explicit_keys(sim, tmp_path):
         open_replay(p, key="nope")
 
 
+def test_hdf5_ignores_lookalike_siblings_and_reads_backgrounds(sim, tmp_path):
+    frames, _ = sim
+    p = tmp_path / "l.h5"
+    with h5py.File(p, "w") as h5:
+        h5["rec/images"] = frames
+        h5["rec/frames"] = np.zeros((2, 3, 3), np.uint8)     # not frame numbers
+        h5["rec/background"] = frames[0]
+    src = open_replay(p, key="rec/images")
+    d = src.describe()
+    assert d["frames_key"] is None and d["bg_key"] == "rec/background"
+    np.testing.assert_array_equal(src.background(), frames[0])
+    assert [f.index for f in read_all(src)] == list(range(N))
+
+
 def test_hdf5_wrong_dtype_or_no_frames_names_file(tmp_path):
     p = tmp_path / "f.h5"
     with h5py.File(p, "w") as h5:
@@ -446,7 +461,7 @@ def test_rtdc_matches_h5py(path):
     else:  # estimated from events/time and events/frame
         per_frame = np.median(np.diff(times[first]) / np.diff(numbers[first]))
         assert src.fps == pytest.approx(1 / per_frame, rel=1e-6)
-    assert src.describe()["fps_source"] == "recorded"
+    assert json.loads(json.dumps(src.describe()))["fps_source"] == "recorded"
     np.testing.assert_array_equal(src.background(), np.median(bgs, axis=0).round().astype(np.uint8))
     k = len(got) // 2
     np.testing.assert_array_equal(src.frame_background(got[k].index), bgs[first[k]])

@@ -94,6 +94,8 @@ def test_not_json_and_oversized_header():
         wire.decode([b"[1, 2]"], max_bytes=MAX)
     with pytest.raises(WireError, match="exceeds"):
         wire.decode([b" " * (wire.MAX_HEADER_BYTES + 1)], max_bytes=MAX)
+    with pytest.raises(WireError, match="nested"):      # would overflow json's C stack
+        wire.decode([b"[" * 30000 + b"]" * 30000], max_bytes=MAX)
     with pytest.raises(WireError, match="empty"):
         wire.decode([], max_bytes=MAX)
 
@@ -160,5 +162,18 @@ _json_values = st.recursive(
 def test_decode_raises_only_wire_error(header, payload):
     try:
         wire.decode([json.dumps(header).encode()] + payload, max_bytes=MAX)
+    except WireError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=_json_values | st.sampled_from(["clip", "prediction", "hello"]),
+       arrays=st.lists(st.dictionaries(st.sampled_from(["name", "dtype", "shape"]),
+                                       _json_values | st.sampled_from(["frames", "uint8"]),
+                                       max_size=3), max_size=6))
+def test_decode_of_hostile_array_specs_raises_only_wire_error(kind, arrays):
+    header = {"v": 1, "kind": kind, "run": "r", "cell": 1, "seq": 1, "arrays": arrays}
+    try:
+        wire.decode([json.dumps(header).encode()] + [b"\0"] * len(arrays), max_bytes=MAX)
     except WireError:
         pass

@@ -278,19 +278,21 @@ class Augment:
 
 
 def mask_cell(frames: np.ndarray, centroids: np.ndarray | None = None, *,
-              side: int | None = None) -> np.ndarray:
-    """Blank a fixed-size square around the cell: what is left is the channel only.
+              size: tuple[float, float] = (0.625, 0.8125)) -> np.ndarray:
+    """Blank a fixed-size box around the cell: what is left is the channel only.
 
-    The square (``side`` px, default 5/8 of the canvas) is centred on the canvas (clips are cut
-    centred on the cell) and filled with each frame's median outside it, so neither the
-    cell's pixels nor its size survive. Used by the confound control: a model trained on these
-    clips can only learn the channel and the sample's look, and must score at chance on a
-    donor-level validation split.
+    The box (``size`` = (height, width) as fractions of the canvas; default 40 x 52 px on a
+    64 px canvas, wider than high because a squeezed cell stretches along the flow) is centred
+    on the canvas (clips are cut centred on the cell) and filled with each frame's median
+    outside it, so neither the cell's pixels nor its size survive, while the channel walls
+    around it do. Used by the confound control: a model trained on these clips can only learn
+    the channel and the sample's look, and must score at chance on a donor-level split.
     """
     t, h, w = frames.shape
-    side = int(side or max(4, round(min(h, w) * 5 / 8)))
-    y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
-    y1, x1 = min(h, y0 + side), min(w, x0 + side)
+    bh = int(max(2, round(h * size[0])))
+    bw = int(max(2, round(w * size[1])))
+    y0, x0 = max(0, (h - bh) // 2), max(0, (w - bw) // 2)
+    y1, x1 = min(h, y0 + bh), min(w, x0 + bw)
     out = frames.copy()
     keep = np.ones((h, w), bool)
     keep[y0:y1, x0:x1] = False

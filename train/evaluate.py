@@ -102,10 +102,12 @@ def binary_metrics(y_true: Sequence[int], p_fetal: Sequence[float],
 
 def threshold_for_sensitivity(y_true: Sequence[int], p_fetal: Sequence[float],
                               target: float) -> float:
-    """The highest threshold whose fetal sensitivity is at least ``target``.
+    """A decision threshold whose fetal sensitivity on these cells is at least ``target``.
 
-    The highest such threshold keeps the specificity as high as the target allows. Returns 0.5
-    when there are no fetal cells.
+    Of the thresholds that reach the target, the highest is taken (it keeps the specificity as
+    high as the target allows), placed halfway between the k-th highest fetal score and the
+    next lower score of any cell, so that a tiny numerical difference (ONNX Runtime vs
+    PyTorch) does not move a cell across it. Returns 0.5 when there are no fetal cells.
     """
     y = np.asarray(y_true, np.int64)
     p = np.asarray(p_fetal, np.float64)
@@ -114,7 +116,11 @@ def threshold_for_sensitivity(y_true: Sequence[int], p_fetal: Sequence[float],
         return 0.5
     k = int(math.ceil(target * len(pos) - 1e-9))   # fetal cells that must be called fetal
     k = min(max(k, 1), len(pos))
-    return float(pos[k - 1])
+    edge = float(pos[k - 1])
+    below = p[p < edge]
+    if len(below) == 0:
+        return edge
+    return float(0.5 * (edge + below.max()))
 
 
 def per_donor(donors: Sequence[str], y_true: Sequence[int], p_fetal: Sequence[float],

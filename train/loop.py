@@ -164,11 +164,12 @@ def save_model(path: str | os.PathLike, model, arch: Mapping[str, Any], meta: Ma
     if arch["name"].startswith("slowfast"):
         from export.checkpoints import Checkpoint, save_checkpoint
         m = dict(metrics or {})
+        validation = dict(m.pop("validation", {}))
+        trained_on = str(m.pop("trained_on", "") or "")
         ckpt = Checkpoint.from_model(
             model, threshold=float(threshold), normalisation=dict(meta["normalisation"]),
-            sampling=dict(meta["sampling"]), validation=dict(m.pop("validation", {})),
-            metrics={**m, "train_config": dict(train_config or {})},
-            trained_on=str(m.pop("trained_on", "") or (train_config or {}).get("trained_on", "")))
+            sampling=dict(meta["sampling"]), validation=validation,
+            metrics={**m, "train_config": dict(train_config or {})}, trained_on=trained_on)
         return save_checkpoint(path, ckpt)
     tmp = path.with_suffix(path.suffix + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -281,7 +282,7 @@ def _predict(model, ds: ClipDataset, batch_size: int, device: str, loss_fn=None)
 def train(stores: Sequence[str | os.PathLike] | Sequence[StoreInfo], out: str | os.PathLike,
           config: TrainConfig = TrainConfig(), *, labels: Mapping[str, str] | str | None = None,
           resume: bool = True, progress: bool = True, split: Split | None = None,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, trained_on: str | None = None) -> dict:
     """Train on labelled clip stores; returns the summary (also written to summary.json).
 
     Parameters
@@ -303,6 +304,9 @@ def train(stores: Sequence[str | os.PathLike] | Sequence[StoreInfo], out: str | 
         Stop after this epoch as an interruption would (``last.pt`` written, no summary); a
         later call resumes. Continuing with a larger ``epochs`` than the first run stretches
         the cosine schedule from where it stands, so it is not the same as a longer run.
+    trained_on : str, optional
+        What the data is, in words (goes into the checkpoint and the ONNX metadata); default
+        from the stores' sources (simulated stores say so).
     """
     import torch
     from torch.utils.data import DataLoader, WeightedRandomSampler
@@ -320,6 +324,8 @@ def train(stores: Sequence[str | os.PathLike] | Sequence[StoreInfo], out: str | 
     if split is None:
         split = split_donors(infos, cfg.fractions, seed=cfg.seed)
     check_split(split)
+    if trained_on is None:
+        trained_on = describe_data(split.stores)
     (out / "split.json").write_text(json.dumps(split.to_dict(), indent=2))
 
     _seed_all(cfg.seed)
@@ -432,7 +438,8 @@ def train(stores: Sequence[str | os.PathLike] | Sequence[StoreInfo], out: str | 
             thr = threshold_for_sensitivity(val_ds.labels, p_val, cfg.target_sensitivity)
             vm = binary_metrics(val_ds.labels, p_val, thr)
             save_model(out / "best.pt", model, cfg.arch_dict(), meta, threshold=thr,
-                       metrics={"epoch": epoch + 1, "validation": _short(vm, val_ds)},
+                       metrics={"epoch": epoch + 1, "validation": _short(vm, val_ds),
+                                "val_top1_error": vm["top1_error"], "trained_on": trained_on},
                        train_config=cfg.to_dict())
         state = {"format": TRAIN_STATE, "config": json.dumps(cfg.to_dict()),
                  "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -459,9 +466,24 @@ def _nan_big(v: float) -> float:
 
 
 def _short(m: Mapping[str, Any], ds: ClipDataset) -> dict:
+    """The validation figures an artefact carries (fmh.validation keys)."""
     return {"sensitivity": m["sensitivity"], "specificity": m["specificity"], "auc": m["auc"],
-            "top1_error": m["top1_error"], "threshold": m["threshold"],
             "n_cells": int(len(ds)), "n_donors": int(len(set(ds.donors.tolist())))}
+
+
+def describe_data(stores: Sequence[StoreInfo]) -> str:
+    """``trained_on`` text: says plainly when the stores come from the simulator."""
+    from engine.clipstore import ClipStoreReader
+    sources = []
+    for s in stores:
+        with ClipStoreReader(s.path) as r:
+            sources.append(r.meta["source"])
+    n_d = len({s.donor for s in stores})
+    n_c = sum(s.n_clips for s in stores)
+    if sources and all(src.startswith("sim://") for src in sources):
+        return (f"synthetic cells from the fmh-engine PolyNano chip simulator, NOT real blood "
+                f"cells ({n_d} simulated donors, {n_c} clips)")
+    return f"{n_d} donors, {n_c} clips from {len(set(sources))} sources"
 
 
 def _summarise(out: Path, cfg: TrainConfig, split: Split, meta: dict, pick, progress) -> dict:

@@ -105,28 +105,39 @@ def sim_store(path: str | os.PathLike, cfg, *, donor: int, label: str, frames: i
 def make_stores(out: str | os.PathLike, *, fetal: int, maternal: int, frames: int,
                 size: int = 64, mode: str = "fixed", seed: int = 0, donor_look: float = 1.0,
                 first_donor: int = 0, sim: Mapping[str, Any] | None = None,
-                progress: bool = True) -> list[Path]:
+                progress: bool = True, workers: int = 1) -> list[Path]:
     """One store per donor under ``out/<donor>/clips.h5``: ``fetal`` fetal donors then
     ``maternal`` maternal donors, donors numbered from ``first_donor``."""
-    from engine.config import load_config
     from tqdm import tqdm
-    cfg = load_config(overrides={"clips.mode": mode, "clips.size": int(size)})
     labels = ["fetal"] * int(fetal) + ["maternal"] * int(maternal)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))      # donor number does not give away the label
-    paths = []
-    for k in tqdm(range(len(labels)), desc="donors", disable=not progress):
+    jobs = []
+    for k in range(len(labels)):
         donor = first_donor + k
-        label = labels[order[k]]
         p = Path(out) / f"d{donor:03d}" / "clips.h5"
         p.parent.mkdir(parents=True, exist_ok=True)
-        n = sim_store(p, cfg, donor=donor, label=label, frames=frames,
-                      seed=seed * 1000 + donor, overrides={"donor_look": donor_look,
-                                                           **dict(sim or {})})
-        if progress:
-            tqdm.write(f"{p}: {label}, {n} clips")
-        paths.append(p)
-    return paths
+        jobs.append((str(p), mode, int(size), donor, labels[order[k]], int(frames),
+                     seed * 1000 + donor, {"donor_look": donor_look, **dict(sim or {})}))
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers) as ex:
+            counts = list(tqdm(ex.map(_one, jobs), total=len(jobs), desc="donors",
+                               disable=not progress))
+    else:
+        counts = [_one(j) for j in tqdm(jobs, desc="donors", disable=not progress)]
+    if progress:
+        for j, n in zip(jobs, counts):
+            print(f"{j[0]}: {j[4]}, {n} clips")
+    return [Path(j[0]) for j in jobs]
+
+
+def _one(job) -> int:
+    from engine.config import load_config
+    path, mode, size, donor, label, frames, seed, overrides = job
+    cfg = load_config(overrides={"clips.mode": mode, "clips.size": size})
+    return sim_store(path, cfg, donor=donor, label=label, frames=frames, seed=seed,
+                     overrides=overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--first-donor", type=int, default=0)
     ap.add_argument("--donor-look", type=float, default=1.0)
+    ap.add_argument("--workers", type=int, default=1, help="donors simulated in parallel")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="further sim.* keys, e.g. rate_hz=30")
     a = ap.parse_args(argv)
@@ -150,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra[k.strip()] = yaml.safe_load(v)
     make_stores(a.out, fetal=a.donors[0], maternal=a.donors[1], frames=a.frames, size=a.size,
                 mode=a.mode, seed=a.seed, donor_look=a.donor_look, first_donor=a.first_donor,
-                sim=extra)
+                sim=extra, workers=a.workers)
     return 0
 
 

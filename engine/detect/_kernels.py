@@ -92,37 +92,47 @@ def threshold_runs(img, lo, hi, off, runs, chunk_any):
     """Runs of the pixels with ``img - off < lo`` or ``img - off > hi`` over the whole frame.
 
     ``lo``/``hi`` are int16 (H, W) per-pixel bounds (the background with the threshold folded
-    in), ``off`` an integer illumination offset of this frame [grey levels]. The frame is
-    tested in chunks of 16 pixels with a branch-free OR first, so empty chunks cost one
-    vectorised pass. ``chunk_any`` is scratch of at least ``ceil(W / 16)`` uint8.
+    in), ``off`` an integer illumination offset of this frame [grey levels]. Each row is
+    first tested in chunks of 32 pixels with a branch-free running maximum of
+    ``max(lo - v, v - hi)`` (vectorised by LLVM); only chunks with a positive maximum are
+    scanned pixel by pixel. ``chunk_any`` is scratch of at least ``ceil(W / 32)`` uint8.
 
     Returns the number of runs, or -1 when ``runs`` overflowed.
     """
     H, W = img.shape
     n = 0
     cap = runs.shape[0]
-    nchunk = (W + 15) // 16
+    nchunk = (W + 31) // 32
+    nfull = W // 32
     for y in range(H):
         row = img[y]
         rlo = lo[y]
         rhi = hi[y]
         anyrow = 0
-        for c in range(nchunk):
-            a = c * 16
-            b = min(a + 16, W)
-            acc = 0
-            for x in range(a, b):
+        for c in range(nfull):
+            a = c * 32
+            m = np.int16(0)
+            for t in range(32):            # fixed trip count: LLVM vectorises it
+                v = np.int16(row[a + t]) - off
+                m = max(m, np.int16(rlo[a + t] - v), np.int16(v - rhi[a + t]))
+            f = 1 if m > 0 else 0
+            chunk_any[c] = f
+            anyrow |= f
+        if nfull < nchunk:                 # the ragged tail
+            m = np.int16(0)
+            for x in range(nfull * 32, W):
                 v = np.int16(row[x]) - off
-                acc |= (v < rlo[x]) | (v > rhi[x])
-            chunk_any[c] = acc
-            anyrow |= acc
+                m = max(m, np.int16(rlo[x] - v), np.int16(v - rhi[x]))
+            f = 1 if m > 0 else 0
+            chunk_any[nfull] = f
+            anyrow |= f
         if anyrow == 0:
             continue
         inrun = False
         s = 0
         for c in range(nchunk):
-            a = c * 16
-            b = min(a + 16, W)
+            a = c * 32
+            b = min(a + 32, W)
             if chunk_any[c] == 0:
                 if inrun:
                     if n >= cap:
@@ -135,8 +145,7 @@ def threshold_runs(img, lo, hi, off, runs, chunk_any):
                 continue
             for x in range(a, b):
                 v = np.int16(row[x]) - off
-                f = (v < rlo[x]) | (v > rhi[x])
-                if f:
+                if v < rlo[x] or v > rhi[x]:
                     if not inrun:
                         inrun = True
                         s = x
@@ -466,6 +475,55 @@ def rejoin(stats, n, max_gap, min_deform, min_area, max_area, alive):
 # ------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
+def fill_holes(mask, stack):
+    """Set the background pixels of ``mask`` that the border cannot reach (4-connected) to 1.
+
+    A flood fill from every background pixel on the border marks the outside; what is
+    left is a hole in some blob (the cell centre that is as bright as the background).
+    ``stack`` is int64 scratch of at least ``mask.size`` entries.
+    """
+    H, W = mask.shape
+    # 0 = background (unvisited), 1 = foreground, 2 = outside
+    top = 0
+    for y in range(H):
+        for x in (0, W - 1):
+            if mask[y, x] == 0:
+                mask[y, x] = 2
+                stack[top] = y * W + x
+                top += 1
+    for x in range(W):
+        for y in (0, H - 1):
+            if mask[y, x] == 0:
+                mask[y, x] = 2
+                stack[top] = y * W + x
+                top += 1
+    while top > 0:
+        top -= 1
+        k = stack[top]
+        y = k // W
+        x = k - y * W
+        if y > 0 and mask[y - 1, x] == 0:
+            mask[y - 1, x] = 2
+            stack[top] = k - W
+            top += 1
+        if y < H - 1 and mask[y + 1, x] == 0:
+            mask[y + 1, x] = 2
+            stack[top] = k + W
+            top += 1
+        if x > 0 and mask[y, x - 1] == 0:
+            mask[y, x - 1] = 2
+            stack[top] = k - 1
+            top += 1
+        if x < W - 1 and mask[y, x + 1] == 0:
+            mask[y, x + 1] = 2
+            stack[top] = k + 1
+            top += 1
+    for y in range(H):
+        for x in range(W):
+            mask[y, x] = 1 if mask[y, x] != 2 else 0
+
+
+@njit(cache=True, nogil=True)
 def illumination_offset(img, bgi, sample_idx, hist):
     """Median of ``img - bgi`` over the flat pixel indices ``sample_idx`` [grey levels, int].
 
@@ -492,7 +550,7 @@ def illumination_offset(img, bgi, sample_idx, hist):
 
 @njit(cache=True, nogil=True)
 def detect_frame(img, lo, hi, bg_s, kern, thr_dark, thr_bright, off, margin, min_seed, conn8,
-                 runs, run_label, chunk_any, stats, weights):
+                 runs, run_label, chunk_any, stats, weights, holes):
     """Find the blobs of one frame: seeds, regions of interest, smoothed threshold, labels.
 
     1. *Seeds*: runs of pixels far from the background (``img - off`` outside
@@ -505,7 +563,8 @@ def detect_frame(img, lo, hi, bg_s, kern, thr_dark, thr_bright, off, margin, min
        where ``d < -thr_dark`` or ``d > thr_bright`` (the low threshold scaled by ``K*K``;
        a huge value switches a polarity off). Components are labelled, measured
        (moments on the raw pixel grid, brightness from ``img``, perimeter) and kept when they
-       contain at least one seed pixel (hysteresis).
+       contain at least one seed pixel (hysteresis). With ``holes``, holes in the mask
+       (background pixels enclosed by foreground) are filled first, as dclab's masks are.
 
     Returns the number of rows written to ``stats`` (raw sums, see ``S_*``); -1 when a
     buffer overflowed (the caller grows them and calls again).
@@ -586,26 +645,35 @@ def detect_frame(img, lo, hi, bg_s, kern, thr_dark, thr_bright, off, margin, min
         h = y1 - y0
         w = x1 - x0
         # horizontal pass over the rows the vertical pass needs (clamped at the image edge)
-        hs = np.empty((h + 2 * rad, w), np.int32)
+        hs = np.zeros((h + 2 * rad, w), np.int32)
+        prow = np.empty(w + 2 * rad, np.int32)
         for yy in range(h + 2 * rad):
             ys = min(max(y0 + yy - rad, 0), H - 1)
             row = img[ys]
-            for xx in range(w):
-                acc = 0
-                for t in range(nk):
-                    xs = min(max(x0 + xx + t - rad, 0), W - 1)
-                    acc += kern[t] * np.int32(row[xs])
-                hs[yy, xx] = acc
+            for xx in range(w + 2 * rad):
+                prow[xx] = row[min(max(x0 + xx - rad, 0), W - 1)]
+            hrow = hs[yy]
+            for t in range(nk):
+                kt = np.int32(kern[t])
+                for xx in range(w):
+                    hrow[xx] += kt * prow[xx + t]
         mask = np.zeros((h, w), np.uint8)
+        vacc = np.empty(w, np.int64)
         for yy in range(h):
-            brow = bg_s[y0 + yy]
             for xx in range(w):
-                acc = np.int64(0)
-                for t in range(nk):
-                    acc += kern[t] * hs[yy + t, xx]
-                dv = acc - offs - brow[x0 + xx]
-                if dv > thr_bright or dv < -thr_dark:
-                    mask[yy, xx] = 1
+                vacc[xx] = -offs
+            for t in range(nk):
+                kt = np.int64(kern[t])
+                hrow = hs[yy + t]
+                for xx in range(w):
+                    vacc[xx] += kt * hrow[xx]
+            brow = bg_s[y0 + yy]
+            mrow = mask[yy]
+            for xx in range(w):
+                dv = vacc[xx] - brow[x0 + xx]
+                mrow[xx] = (dv > thr_bright) | (dv < -thr_dark)
+        if holes:
+            fill_holes(mask, np.empty(h * w, np.int64))
         # label the region
         nrr = mask_runs(mask, runs)
         if nrr < 0:

@@ -12,8 +12,11 @@ Per frame (:meth:`FrontEnd.process`)
    pass; components without seed pixels are dropped (hysteresis).
 3. Split cells are re-joined (report §3.6.1; :func:`engine.detect._kernels.rejoin`), blobs
    outside ``[min_area, max_area]`` dropped.
-4. Every ``stride`` frames the frame is folded into the background outside the blobs' boxes
-   (:mod:`engine.detect.background`).
+4. Blobs that have not moved (<= 1 px) for ``static_frames`` frames are debris stuck to the
+   chip, not cells in the flow: they are dropped (counted) and not masked from the background
+   update, so they fade into it.
+5. Every ``stride`` frames the frame is folded into the background outside the moving blobs'
+   boxes (:mod:`engine.detect.background`).
 
 Only the regions around seeds are smoothed, so the cost is one pass over the frame plus work
 proportional to the cells in view.
@@ -70,7 +73,7 @@ class FrontEnd:
         self.geometry_note = "given" if geometry is not None else ""
         self.bg: Background | None = None
         self.stats = {"frames": 0, "blobs": 0, "rejoined": 0, "dropped_small": 0,
-                      "dropped_large": 0, "buffer_grows": 0,
+                      "dropped_large": 0, "static_dropped": 0, "buffer_grows": 0,
                       "us_detect": 0.0, "us_rejoin": 0.0, "us_blobs": 0.0, "us_background": 0.0}
         self._runs = np.empty((4096, 3), np.int64)
         self._run_label = np.empty(4096, np.int64)
@@ -79,6 +82,9 @@ class FrontEnd:
         self._hist = np.empty(511, np.int64)
         self._sample_idx = np.empty(0, np.int64)
         self._since_commit = 0
+        self._prev = (np.zeros((0, 3)), np.zeros(0, np.int64))
+        self._sites = np.zeros((0, 4))            # static debris: cx, cy, area, last frame
+        self._areas = np.zeros(0)                 # recent blob areas (typical cell size)
         if background is not None:
             self.set_background(background, policy="given")
 
@@ -107,7 +113,7 @@ class FrontEnd:
             bg.prime_frames_with_cells = self.bg.prime_frames_with_cells
         self.bg = bg
         H, W = image.shape
-        self._chunk = np.empty((W + 15) // 16, np.uint8)
+        self._chunk = np.empty((W + 31) // 32, np.uint8)
         rng = np.random.default_rng(12345)
         self._sample_idx = np.sort(rng.choice(H * W, size=min(1024, H * W), replace=False)
                                    ).astype(np.int64)
@@ -205,21 +211,63 @@ class FrontEnd:
             image = np.ascontiguousarray(image)
         blobs = self._detect(image, frame.index)
         f = self._f
+        static = self._static(blobs) if f.static_frames > 0 else None
         if f.bg_update_frames > 0:
             t0 = time.perf_counter()
             stride = max(1, f.bg_update_frames // f.bg_frames)
             n = self.stats["frames"]
             if n % stride == 0:
-                boxes = np.array([b.bbox for b in blobs], np.int64).reshape(-1, 4)
+                # moving blobs are masked out; static ones (stuck debris) may fade in
+                moving = blobs if static is None else [b for b, st in zip(blobs, static) if not st]
+                boxes = np.array([b.bbox for b in moving], np.int64).reshape(-1, 4)
                 self.bg.observe(image, boxes, 1.0 / f.bg_frames, f.roi_margin)
             self._since_commit += 1
             if self._since_commit >= f.bg_update_frames:
                 self.bg.commit()
                 self._since_commit = 0
             self.stats["us_background"] += (time.perf_counter() - t0) * 1e6
+        if static is not None and static.any():
+            self.stats["static_dropped"] += int(static.sum())
+            blobs = [b for b, st in zip(blobs, static) if not st]
         self.stats["frames"] += 1
         self.stats["blobs"] += len(blobs)
         return blobs
+
+    def _static(self, blobs: list[Blob]) -> np.ndarray:
+        """Flags of blobs that are debris stuck to the chip, not cells in the flow.
+
+        A blob that has not moved (<= 1 px, area within 25 %) for ``static_frames``
+        consecutive frames becomes a *static site*; later blobs at a site (<= 1.5 px, area
+        within 25 %) are flagged at once, so debris that flickers in and out of the
+        threshold stays suppressed. Sites unseen for 50 * ``static_frames`` frames expire.
+        """
+        n = len(blobs)
+        now = self.stats["frames"]
+        cur = np.array([(b.cx, b.cy, b.area) for b in blobs], np.float64).reshape(n, 3)
+        count = np.ones(n, np.int64)
+        prev, pcount = self._prev
+        if n and prev.shape[0]:
+            d = np.hypot(cur[:, None, 0] - prev[None, :, 0], cur[:, None, 1] - prev[None, :, 1])
+            j = np.argmin(d, axis=1)
+            ok = (d[np.arange(n), j] <= 1.0) & (np.abs(cur[:, 2] / prev[j, 2] - 1.0) <= 0.25)
+            count[ok] = pcount[j[ok]] + 1
+        self._prev = (cur, count)
+        flag = count >= self._f.static_frames
+        sites = self._sites
+        if n and sites.shape[0]:
+            d = np.hypot(cur[:, None, 0] - sites[None, :, 0], cur[:, None, 1] - sites[None, :, 1])
+            j = np.argmin(d, axis=1)
+            at = (d[np.arange(n), j] <= 1.5) & (np.abs(cur[:, 2] / sites[j, 2] - 1.0) <= 0.25)
+            sites[j[at], 3] = now
+            flag |= at
+        new = flag & (count == self._f.static_frames)
+        if new.any():
+            add = np.c_[cur[new], np.full(int(new.sum()), now)]
+            sites = np.vstack([sites, add])
+        if sites.shape[0]:
+            sites = sites[now - sites[:, 3] <= 50 * self._f.static_frames][-64:]
+        self._sites = sites
+        return flag
 
     def _detect(self, image: np.ndarray, index: int) -> list[Blob]:
         f = self._f
@@ -234,7 +282,8 @@ class FrontEnd:
         while True:
             n = K.detect_frame(image, bg.lo, bg.hi, bg.smooth_scaled, self.kernel, thr_dark, thr_bright,
                                np.int16(off), margin, f.seed_min_px, True, self._runs,
-                               self._run_label, self._chunk, self._stats, K.PERIM_WEIGHTS)
+                               self._run_label, self._chunk, self._stats, K.PERIM_WEIGHTS,
+                               f.fill_holes)
             if n >= 0:
                 break
             self._grow()
@@ -243,7 +292,7 @@ class FrontEnd:
         if f.rejoin and n > 1:
             alive = np.ones(n, np.bool_)
             merged = K.rejoin(st, n, f.rejoin_max_gap, f.rejoin_min_deform, f.min_area,
-                              f.max_area, alive)
+                              self._rejoin_cap(), alive)
             if merged:
                 st = st[:n][alive]
                 n = st.shape[0]
@@ -257,6 +306,8 @@ class FrontEnd:
             self.stats["dropped_small"] += int(small.sum())
             self.stats["dropped_large"] += int(large.sum())
             fin = fin[~(small | large)]
+        if fin.shape[0] and (self._areas.size < 64 or index % 16 == 0):
+            self._areas = np.r_[self._areas, fin[:, K.F_AREA]][-256:]
         t2 = time.perf_counter()
         blobs = to_blobs(fin, index)
         t3 = time.perf_counter()
@@ -264,6 +315,13 @@ class FrontEnd:
         self.stats["us_rejoin"] += (t2 - t1) * 1e6
         self.stats["us_blobs"] += (t3 - t2) * 1e6
         return blobs
+
+    def _rejoin_cap(self) -> float:
+        """Largest area a re-joined blob may have [px²]: 1.3 x the median area of recent
+        blobs (whole cells), so two neighbouring cells are never joined into one."""
+        if self._areas.size < 16:
+            return float(self._f.max_area)
+        return min(1.3 * float(np.median(self._areas)), float(self._f.max_area))
 
     def _grow(self) -> None:
         self._runs = np.empty((self._runs.shape[0] * 4, 3), np.int64)

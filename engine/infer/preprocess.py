@@ -22,8 +22,10 @@ A clip is the passage of one cell, ``(T_clip, h, w)`` uint8 on a fixed canvas. T
 ``views="multi"`` gives the report's 10 temporal x 3 spatial views per clip (PySlowFast's test
 protocol): temporal views shift the sampling phase (uniform) or the window (stride) evenly over
 the passage; spatial views are the left, centre and right H x W crops along the flow axis (x)
-after fitting the short side (identical when the canvas is already H x W). Scores of a clip's
-views are averaged with :func:`average_views`.
+after fitting the short side (identical when the canvas is already H x W). Temporal views
+differ only when the passage has enough frames (about 10 per sampled frame for uniform
+sampling); on short passages they repeat. Scores of a clip's views are averaged with
+:func:`average_views`.
 """
 from __future__ import annotations
 

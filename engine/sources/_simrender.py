@@ -166,21 +166,33 @@ def cell_profiles(ws, prof):
 
 
 @njit(cache=True, nogil=True)
-def compose(base0, base1, w, gain, noise, noff, nscale, cells, n, debris, nd, prof, reach,
+def compose(base, gain, noise, noff, nscale, cells, n, debris, nd, prof, reach,
             hot_y, hot_x, hot_v, trans, out, stats):
     """Render one frame into ``out`` (uint8 H×W) and measure each cell's true mask.
 
-    The scene is ``lerp(base0, base1, w) * gain``; debris and cells multiply it by their
-    transmission (accumulated in ``trans``, which must hold 1.0 everywhere on entry and is
-    reset on exit); then noise (``nscale * noise[noff:]``) is added, the result rounded and
-    clipped, and hot pixels set. ``prof`` comes from :func:`cell_profiles`; ``reach`` [px] is
-    how far outside its outline a cell is drawn. ``stats[i]`` receives cell i's mask area,
-    coordinate sums and half-open box (pixel centres inside the ellipse, within the frame).
+    The scene is ``base * gain`` plus noise (``nscale * noise[noff:]``), rounded and clipped.
+    Debris and cells multiply the scene by their transmission, accumulated in ``trans`` over
+    their boxes (``trans`` must hold 1.0 everywhere on entry and is reset on exit); only those
+    boxes are drawn a second time. Hot pixels are set last. ``prof`` comes from
+    :func:`cell_profiles`; ``reach`` [px] is how far outside its outline a cell is drawn.
+    ``stats[i]`` receives cell i's mask area, coordinate sums and half-open box (pixel centres
+    inside the ellipse, within the frame).
     """
     H, W = out.shape
     nprof = prof.shape[1]
     nboxes = nd + n
     boxes = np.empty((nboxes, 4), np.int64)
+    g32 = np.float32(gain)
+    ns32 = np.float32(nscale)
+    half = np.float32(0.5)
+    lo = np.float32(0.0)
+    hi = np.float32(255.0)
+    bf = base.ravel()
+    of = out.ravel()
+    nz = noise[noff:noff + bf.size]
+    for q in range(bf.size):
+        v = bf[q] * g32 + ns32 * nz[q] + half
+        of[q] = np.uint8(np.int32(min(max(v, lo), hi)))
     # Debris: dark Gaussian specks; columns cx, cy, radius, depth [grey levels at 150].
     for j in range(nd):
         cx = debris[j, 0]
@@ -200,6 +212,9 @@ def compose(base0, base1, w, gain, noise, noff, nscale, cells, n, debris, nd, pr
             for xx in range(xa, xb):
                 q = ((xx - cx) ** 2 + (yy - cy) ** 2) / (rr * rr)
                 trans[yy, xx] *= 1.0 - dep * math.exp(-0.5 * q)
+    p0 = prof[0]
+    p1 = prof[1]
+    p2 = prof[2]
     for i in range(n):
         cx = cells[i, X]
         cy = cells[i, Y]
@@ -210,27 +225,29 @@ def compose(base0, base1, w, gain, noise, noff, nscale, cells, n, debris, nd, pr
         rim = cells[i, RIM] / 150.0
         halo = cells[i, HALO] / 150.0
         fsp = (cells[i, DOBS] - 0.15) / 0.15
-        if fsp < 0.0:
-            fsp = 0.0
-        elif fsp > 1.0:
-            fsp = 1.0
-        fsp *= cells[i, SPLIT]
+        fsp = min(max(fsp, 0.0), 1.0) * cells[i, SPLIT]
         c = math.cos(ang)
         s = math.sin(ang)
-        ex = math.sqrt(a * a * c * c + b * b * s * s) + reach + 1.0
-        ey = math.sqrt(a * a * s * s + b * b * c * c) + reach + 1.0
-        ya = max(int(cy - ey), 0)
-        yb = min(int(cy + ey) + 2, H)
-        xa = max(int(cx - ex), 0)
-        xb = min(int(cx + ex) + 2, W)
-        boxes[nd + i, 0] = xa
-        boxes[nd + i, 1] = ya
-        boxes[nd + i, 2] = xb
-        boxes[nd + i, 3] = yb
         ia2 = 1.0 / (a * a)
         ib2 = 1.0 / (b * b)
-        ia = 1.0 / a
         ib = 1.0 / b
+        # Outline (mask) and drawn region (outline grown by reach) as rotated ellipses:
+        # A dx^2 + B(dy) dx + C(dy) <= 0 per row.
+        qa = c * c * ia2 + s * s * ib2
+        qb = 2.0 * c * s * (ia2 - ib2)
+        qc = s * s * ia2 + c * c * ib2
+        ae = a + reach
+        be = b + reach
+        ea2 = 1.0 / (ae * ae)
+        eb2 = 1.0 / (be * be)
+        ra = c * c * ea2 + s * s * eb2
+        rb = 2.0 * c * s * (ea2 - eb2)
+        rc = s * s * ea2 + c * c * eb2
+        ey = math.sqrt(ae * ae * s * s + be * be * c * c)
+        ya = max(int(math.ceil(cy - ey)), 0)
+        yb = min(int(math.floor(cy + ey)) + 1, H)
+        dxa = W
+        dxb = 0
         area = 0
         sx = 0.0
         sy = 0.0
@@ -240,47 +257,73 @@ def compose(base0, base1, w, gain, noise, noff, nscale, cells, n, debris, nd, pr
         by1 = 0
         for yy in range(ya, yb):
             dy = yy - cy
+            # mask span
+            mb = qb * dy
+            mc = qc * dy * dy - 1.0
+            disc = mb * mb - 4.0 * qa * mc
+            if disc >= 0.0:
+                sq = math.sqrt(disc)
+                lo_x = max(int(math.ceil(cx + (-mb - sq) / (2.0 * qa))), 0)
+                hi_x = min(int(math.floor(cx + (-mb + sq) / (2.0 * qa))), W - 1)
+                if hi_x >= lo_x:
+                    cnt = hi_x - lo_x + 1
+                    area += cnt
+                    sx += 0.5 * (lo_x + hi_x) * cnt
+                    sy += yy * cnt
+                    bx0 = min(bx0, lo_x)
+                    bx1 = max(bx1, hi_x + 1)
+                    by0 = min(by0, yy)
+                    by1 = max(by1, yy + 1)
+            # drawn span
+            eb = rb * dy
+            ec = rc * dy * dy - 1.0
+            disc = eb * eb - 4.0 * ra * ec
+            if disc < 0.0:
+                continue
+            sq = math.sqrt(disc)
+            xa = max(int(math.ceil(cx + (-eb - sq) / (2.0 * ra))), 0)
+            xb = min(int(math.floor(cx + (-eb + sq) / (2.0 * ra))) + 1, W)
+            if xb <= xa:
+                continue
+            dxa = min(dxa, xa)
+            dxb = max(dxb, xb)
+            tr = trans[yy]
+            f_sdy = np.float32(s * dy)
+            f_cdy = np.float32(c * dy)
+            f_c = np.float32(c)
+            f_s = np.float32(s)
+            f_cx = np.float32(cx)
+            f_ia2 = np.float32(ia2)
+            f_ib2 = np.float32(ib2)
+            f_ia4 = np.float32(ia2 * ia2)
+            f_ib4 = np.float32(ib2 * ib2)
+            f_ib = np.float32(ib)
+            f_fsp = np.float32(fsp)
+            f_cen = np.float32(cen)
+            f_rim = np.float32(rim)
+            f_halo = np.float32(halo)
+            f_off = np.float32(PROFILE_IN * PROFILE_RES + 0.5)
+            f_res = np.float32(PROFILE_RES)
+            one = np.float32(1.0)
+            zero = np.float32(0.0)
             for xx in range(xa, xb):
-                dx = xx - cx
-                xr = c * dx + s * dy
-                yr = -s * dx + c * dy
-                r2 = xr * xr * ia2 + yr * yr * ib2
-                if r2 <= 1.0:
-                    area += 1
-                    sx += xx
-                    sy += yy
-                    if xx < bx0:
-                        bx0 = xx
-                    if xx >= bx1:
-                        bx1 = xx + 1
-                    if yy < by0:
-                        by0 = yy
-                    if yy >= by1:
-                        by1 = yy + 1
-                rho = math.sqrt(r2)
-                if rho > 1e-6:
-                    g = math.sqrt(xr * xr * ia2 * ia2 + yr * yr * ib2 * ib2) / rho
-                    dist = (rho - 1.0) / g
-                else:
-                    dist = -b
-                if dist >= reach:
-                    continue
-                j = int((dist + PROFILE_IN) * PROFILE_RES + 0.5)
-                if j < 0:
-                    j = 0
-                elif j >= nprof:
-                    j = nprof - 1
-                m = 1.0
-                if fsp > 0.0:
-                    t = (abs(yr) * ib - 0.3) / 0.3
-                    if t < 0.0:
-                        t = 0.0
-                    elif t > 1.0:
-                        t = 1.0
-                    t = t * t * (3.0 - 2.0 * t)
-                    m = 1.0 - fsp * (1.0 - t)
-                delta = cen * prof[0, j] + m * (rim * prof[1, j] + halo * prof[2, j])
-                trans[yy, xx] *= 1.0 + delta
+                dx = np.float32(xx) - f_cx
+                xr = f_c * dx + f_sdy
+                yr = f_cdy - f_s * dx
+                xr2 = xr * xr
+                yr2 = yr * yr
+                r2 = xr2 * f_ia2 + yr2 * f_ib2
+                rho = math.sqrt(r2) + np.float32(1e-6)
+                gg = math.sqrt(xr2 * f_ia4 + yr2 * f_ib4) + np.float32(1e-9)
+                jj = min(max(int((r2 - rho) / gg * f_res + f_off), 0), nprof - 1)
+                t = min(max((abs(yr) * f_ib - np.float32(0.3)) * np.float32(1.0 / 0.3), zero), one)
+                m = one - f_fsp * (one - t * t * (np.float32(3.0) - np.float32(2.0) * t))
+                delta = f_cen * p0[jj] + m * (f_rim * p1[jj] + f_halo * p2[jj])
+                tr[xx] *= one + delta
+        boxes[nd + i, 0] = min(dxa, dxb)
+        boxes[nd + i, 1] = ya
+        boxes[nd + i, 2] = dxb
+        boxes[nd + i, 3] = max(ya, yb)
         stats[i, S_AREA] = area
         stats[i, S_SX] = sx
         stats[i, S_SY] = sy
@@ -288,21 +331,24 @@ def compose(base0, base1, w, gain, noise, noff, nscale, cells, n, debris, nd, pr
         stats[i, S_Y0] = by0
         stats[i, S_X1] = bx1
         stats[i, S_Y1] = by1
-    k = noff
-    g32 = np.float32(gain)
-    w32 = np.float32(w)
-    ns32 = np.float32(nscale)
-    for yy in range(H):
-        for xx in range(W):
-            p0 = base0[yy, xx]
-            v = (p0 + w32 * (base1[yy, xx] - p0)) * g32 * trans[yy, xx] + ns32 * noise[k] + np.float32(0.5)
-            k += 1
-            v = min(max(v, np.float32(0.0)), np.float32(255.0))
-            out[yy, xx] = np.uint8(v)
     for j in range(nboxes):
+        x0 = boxes[j, 0]
+        x1 = boxes[j, 2]
         for yy in range(boxes[j, 1], boxes[j, 3]):
-            for xx in range(boxes[j, 0], boxes[j, 2]):
-                trans[yy, xx] = 1.0
+            brow = base[yy]
+            trow = trans[yy]
+            orow = out[yy]
+            nrow = noise[noff + yy * W:noff + (yy + 1) * W]
+            for xx in range(x0, x1):
+                v = brow[xx] * g32 * trow[xx] + ns32 * nrow[xx] + half
+                orow[xx] = np.uint8(np.int32(min(max(v, lo), hi)))
+    for j in range(nboxes):
+        x0 = boxes[j, 0]
+        x1 = boxes[j, 2]
+        for yy in range(boxes[j, 1], boxes[j, 3]):
+            trow = trans[yy]
+            for xx in range(x0, x1):
+                trow[xx] = 1.0
     for j in range(hot_y.shape[0]):
         yy = hot_y[j]
         xx = hot_x[j]

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -84,6 +84,7 @@ class Camera(FrameSource):
         self._cond = threading.Condition()
         self._queue: collections.deque = collections.deque()
         self._carry = 0             # drops owed to the next queued frame
+        self._dropped_before = 0    # frames the queue dropped just before the frame read last
         self._ended = False         # the stream ended (END was fetched)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -250,8 +251,6 @@ class Camera(FrameSource):
                         st.gap_events -= 1
             prev = frame.index
             yield frame
-
-    _dropped_before = 0
 
     def _do_frames(self) -> Iterator[Frame]:
         last_arrival = time.monotonic()
@@ -511,36 +510,49 @@ class GenICamCamera(Camera):
                               f"{exc})") from None
         self._h, self._ia = h, ia
 
+    @staticmethod
+    def _node(nm, name: str):
+        """The feature node ``name``, or None if the camera lacks it (genapi raises its own
+        LogicalErrorException, not AttributeError, for a missing node, so no hasattr)."""
+        try:
+            return getattr(nm, name)
+        except Exception:
+            return None
+
     def _configure(self, nm) -> None:
         s = self.settings
-        nm.PixelFormat.value = s["pixel_format"]
+        self._set_first(nm, ("PixelFormat",), s["pixel_format"])
         if "width" in s or "offset_x" in s:   # offsets first to 0 so any width fits
-            for node in ("OffsetX", "OffsetY"):
-                if hasattr(nm, node):
-                    getattr(nm, node).value = 0
-        for key, node in (("width", "Width"), ("height", "Height"),
+            for name in ("OffsetX", "OffsetY"):
+                node = self._node(nm, name)
+                if node is not None:
+                    node.value = 0
+        for key, name in (("width", "Width"), ("height", "Height"),
                           ("offset_x", "OffsetX"), ("offset_y", "OffsetY")):
             if key in s:
-                getattr(nm, node).value = s[key]
+                self._set_first(nm, (name,), s[key])
         if "exposure_us" in s:
             self._set_first(nm, ("ExposureTime", "ExposureTimeAbs"), s["exposure_us"])
         if "fps" in s:
-            if hasattr(nm, "AcquisitionFrameRateEnable"):
-                nm.AcquisitionFrameRateEnable.value = True
+            enable = self._node(nm, "AcquisitionFrameRateEnable")
+            if enable is not None:
+                enable.value = True
             self._set_first(nm, ("AcquisitionFrameRate", "AcquisitionFrameRateAbs"), s["fps"])
         self._shape = (int(nm.Height.value), int(nm.Width.value))
-        for node in ("AcquisitionFrameRate", "AcquisitionFrameRateAbs"):
-            if hasattr(nm, node):
+        for name in ("AcquisitionFrameRate", "AcquisitionFrameRateAbs"):
+            node = self._node(nm, name)
+            if node is not None:
                 try:
-                    self._fps = float(getattr(nm, node).value)
+                    self._fps = float(node.value)
                 except Exception:
                     pass
                 break
 
     def _set_first(self, nm, names, value) -> None:
-        for node in names:
-            if hasattr(nm, node):
-                getattr(nm, node).value = value
+        for name in names:
+            node = self._node(nm, name)
+            if node is not None:
+                node.value = value
                 return
         raise SourceError(f"{self.name}: the camera has none of the nodes {', '.join(names)}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from ..types import Frame
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import time
 from bisect import bisect_right
@@ -682,15 +681,20 @@ class Hdf5Replay(ReplaySource):
                               f"key=")
         return found[0]
 
-    def _sibling(self, h5, images_key: str, explicit: str | None, names) -> str | None:
+    def _sibling(self, h5, images_key: str, explicit: str | None, names,
+                 ndims: tuple[int, ...]) -> str | None:
+        """The dataset named ``explicit``, else the first of ``names`` beside the images
+        that has one of ``ndims`` dimensions (others are not what we look for)."""
+        h5py = _h5py()
         if explicit is not None:
-            if explicit not in h5:
+            if explicit not in h5 or not isinstance(h5[explicit], h5py.Dataset):
                 raise SourceError(f"{self.path}: no dataset {explicit!r}")
             return explicit
         parent = images_key.rsplit("/", 1)[0] if "/" in images_key else ""
         for name in names:
             full = f"{parent}/{name}" if parent else name
-            if full in h5 and full != images_key:
+            if (full in h5 and full != images_key and isinstance(h5[full], h5py.Dataset)
+                    and h5[full].ndim in ndims):
                 return full
         return None
 
@@ -718,8 +722,7 @@ class Hdf5Replay(ReplaySource):
         budget = max(1, _HDF5_BLOCK_BYTES // frame_bytes)
         self._block = int(min(budget, max(chunk_frames, min(budget, 64))))
         # frame numbers
-        fkey = self._sibling(h5, key, self._frames_key,
-                             self.FRAME_KEYS if self._frames_key is None else ())
+        fkey = self._sibling(h5, key, self._frames_key, self.FRAME_KEYS, (1,))
         if fkey is not None:
             nums = h5[fkey]
             if nums.ndim != 1 or nums.shape[0] != self._count or nums.dtype.kind not in "iu":
@@ -751,7 +754,7 @@ class Hdf5Replay(ReplaySource):
                     self._recorded_fps = fps
                     break
         # background
-        bkey = self._sibling(h5, key, self._bg_key, self.BG_KEYS if self._bg_key is None else ())
+        bkey = self._sibling(h5, key, self._bg_key, self.BG_KEYS, (2, 3))
         if bkey is not None:
             bg = h5[bkey]
             ok = bg.dtype == np.uint8 and (tuple(bg.shape) == self._shape or (

@@ -56,8 +56,9 @@ __all__ = ["SyntheticChip", "SyntheticChipSource", "Truth", "CellTruth", "load_t
 TRUTH_FORMAT = "fmh-sim-truth/1"
 
 # Focus ladder of the pre-rendered static scene [px]: the Gaussian blur of the optics.
-_FOCUS_LEVELS = np.linspace(0.5, 2.5, 9)
-_NOISE_BANK = 1 << 21          # noise samples in the bank (8 MiB of float32)
+_FOCUS_LEVELS = np.linspace(0.5, 2.5, 41)
+_NOISE_BANK = 1 << 22          # noise samples in the bank (4 MiB of int8)
+_NOISE_Q = 20.0                # bank units per standard deviation
 _FLICKER_BANK = 1 << 16
 _LUT_MARGIN = 256               # half-width table reaches this far beyond the frame [px]
 
@@ -305,8 +306,9 @@ class SyntheticChip:
         self._cells_rng = _rng(self.seed, self.donor, _TAG_CELLS)
         self._gaps_rng = _rng(self.seed, self.donor, _TAG_GAPS)
         self._noise_rng = _rng(self.seed, self.donor, _TAG_NOISE)
-        self._noise = (_rng(self.seed, self.donor, _TAG_NOISE + 100)
-                       .standard_normal(_NOISE_BANK, dtype=np.float32))
+        z = _rng(self.seed, self.donor, _TAG_NOISE + 100).standard_normal(_NOISE_BANK,
+                                                                           dtype=np.float32)
+        self._noise = np.clip(np.rint(z * _NOISE_Q), -127, 127).astype(np.int8)
         self._flicker = (_rng(self.seed, self.donor, _TAG_FLICKER)
                          .standard_normal(_FLICKER_BANK))
         drift = _rng(self.seed, self.donor, _TAG_DRIFT)
@@ -339,7 +341,8 @@ class SyntheticChip:
         self._next_arrival = -float(s.warmup_frames) + self._draw_interval()
         # Rendering scratch.
         self._trans = np.ones((H, W), np.float32)       # per-pixel transmission, kept at 1
-        self._prof = np.zeros((3, int((K.PROFILE_IN + K.PROFILE_OUT) * K.PROFILE_RES) + 1))
+        self._prof = np.zeros((3, int((K.PROFILE_IN + K.PROFILE_OUT) * K.PROFILE_RES) + 1),
+                              np.float32)
         self._prof_ws = -1.0
         self._stats = np.zeros((32, K.NSTAT))
         self._no_cells = np.zeros((0, K.NCOL))
@@ -427,19 +430,19 @@ class SyntheticChip:
         self._debris_appear = appear
 
     # -- time-varying illumination and focus --------------------------------------------------
-    def _optics(self, number: int) -> tuple[int, float, float, float]:
-        """Focus level index and weight, gain and cell-edge softness [px] at a frame number."""
+    def _optics(self, number: int) -> tuple[int, float, float]:
+        """Focus level index, gain and cell-edge softness [px] at a frame number."""
         s = self.sim
         P, ph = self._drift_periods, self._drift_phases
         w = 2.0 * math.pi * number
         sigma = 0.9 + s.drift * 0.5 * (1.0 + math.sin(w / P[2] + ph[2]))
         sigma = min(max(sigma, _FOCUS_LEVELS[0]), _FOCUS_LEVELS[-1])
-        f = (sigma - _FOCUS_LEVELS[0]) / (_FOCUS_LEVELS[1] - _FOCUS_LEVELS[0])
-        k = min(int(f), len(_FOCUS_LEVELS) - 2)
+        k = int(round((sigma - _FOCUS_LEVELS[0]) / (_FOCUS_LEVELS[1] - _FOCUS_LEVELS[0])))
+        sigma = float(_FOCUS_LEVELS[k])
         slow = 1.0 + s.drift * (0.02 * math.sin(w / P[0] + ph[0]) + 0.01 * math.sin(w / P[1] + ph[1]))
         flick = 1.0 + s.flicker_sd / self._bg_level * self._flicker[number % _FLICKER_BANK]
         ws = round(math.sqrt(0.49 + sigma * sigma) * 50.0) / 50.0   # cached to 0.02 px
-        return k, f - k, slow * flick, ws
+        return k, slow * flick, ws
 
     def _debris_at(self, number: int) -> np.ndarray:
         return self._debris[self._debris_appear <= number]
@@ -463,14 +466,12 @@ class SyntheticChip:
         tau = (s.relax_frames_fetal if fetal else s.relax_frames_maternal) * math.exp(s.relax_sd * z[2])
         speed = float(np.clip(1.0 + 0.05 * z[3], 0.85, 1.15))
         split = bool(u[5] < s.split_fraction)
-        if split:
-            cen = -0.8 + 1.6 * u[6]
-        elif u[6] < 0.6:
-            cen = 3.0 + 6.0 * u[7]
-        else:
-            cen = -3.0 - 4.0 * u[7]
+        # Grey levels (at a background of 150): a dark rim, a centre lighter than the rim but
+        # still darker than the background, except for split-prone cells whose centre is
+        # within a grey level of the background; a faint bright halo outside.
+        cen = -0.8 + 1.6 * u[6] if split else -3.0 - 6.0 * u[6]
         rim = -(22.0 + 16.0 * u[8])
-        halo = 3.0 + 5.0 * u[9]
+        halo = 1.5 + 3.0 * u[9]
         u0 = -0.6 + 1.2 * u[10]
         ang0 = (u[11] - 0.5) * math.pi
         d0 = 0.06 * u[7]
@@ -535,17 +536,17 @@ class SyntheticChip:
 
     # -- frames -------------------------------------------------------------------------------
     def _render(self, number: int, out: np.ndarray, cells: bool = True, noise: bool = True) -> None:
-        k, w, gain, ws = self._optics(number)
+        k, gain, ws = self._optics(number)
         n = self._n if cells else 0
         st = self._st if cells else self._no_cells
-        nscale = float(self.sim.noise_sd) if noise else 0.0
+        nscale = float(self.sim.noise_sd) / _NOISE_Q if noise else 0.0
         noff = int(self._noise_rng.integers(0, _NOISE_BANK - out.size)) if noise else 0
         deb = self._debris_at(number)
         if ws != self._prof_ws:
             K.cell_profiles(ws, self._prof)
             self._prof_ws = ws
-        K.compose(self._scene[k], self._scene[k + 1], w, gain, self._noise, noff, nscale,
-                  st, n, deb, deb.shape[0], self._prof, 4.0 + 3.0 * ws,
+        K.compose(self._scene[k], gain, self._noise, noff, nscale,
+                  st, n, deb, deb.shape[0], self._prof, 2.5 + 2.5 * ws,
                   self._hot_y, self._hot_x, self._hot_v, self._trans, out, self._stats)
 
     def frames(self, n: int | None = None, out: np.ndarray | None = None

@@ -172,7 +172,7 @@ class Linker:
         if self._first_index is None:
             self._first_index = fi
         self._last_index = fi
-        self._last_t_ns = int(frame.t_ns)
+        self._last_t_ns = t_ns = int(frame.t_ns)
         st = self.stats
         st["frames"] += 1
         blobs = [b for b in blobs if math.isfinite(b.cx) and math.isfinite(b.cy)]
@@ -208,50 +208,8 @@ class Linker:
         track_blob = dict(links)
         blob_track = {j: i for i, j in links}
 
-        # 4. merged cells and rescues
-        merged: dict[int, list[int]] = {}     # blob -> tracks carried with it
-        unmatched = [i for i in range(len(tracks)) if i not in track_blob]
-        if unmatched and blobs:
-            for i in unmatched:
-                px, py = pred[i]
-                for j, b in enumerate(blobs):
-                    x0, y0, x1, y1 = b.bbox
-                    if x0 - 2 <= px < x1 + 2 and y0 - 2 <= py < y1 + 2:
-                        merged.setdefault(j, []).append(i)
-                        break
-            for j in list(merged):
-                members = merged[j]
-                owner = blob_track.get(j)
-                b = blobs[j]
-                if owner is not None:
-                    big = b.area >= self.merge_ratio * tracks[owner].area
-                    if big:
-                        members.insert(0, owner)
-                    else:
-                        del merged[j]
-                    continue
-                if len(members) == 1:
-                    i = members[0]
-                    if b.area < self.merge_ratio * tracks[i].area and \
-                            b.cx - tracks[i].state.x >= -self.max_back:
-                        # a lone blob around the prediction, just outside the gate: link it
-                        del merged[j]
-                        track_blob[i] = j
-                        blob_track[j] = i
-                        st["rescued"] += 1
-                    elif b.area < self.merge_ratio * tracks[i].area:
-                        del merged[j]
-
-        carried: dict[int, tuple[float, float]] = {}
-        for j, members in merged.items():
-            b = blobs[j]
-            mx = sum(pred[i][0] for i in members) / len(members)
-            my = sum(pred[i][1] for i in members) / len(members)
-            for i in members:
-                carried[i] = (pred[i][0] + b.cx - mx, pred[i][1] + b.cy - my)
-                track_blob.pop(i, None)
-            blob_track[j] = -1
-            st["merged_frames"] += len(members)
+        # 4. big blobs that may hold several cells, and rescues just outside the gate
+        carried, extra = self._explain_big_blobs(blobs, tracks, pred, track_blob, blob_track)
 
         # 5. update tracks
         keep: list[_Track] = []
@@ -261,8 +219,8 @@ class Linker:
             done_reason = None
             if j is not None:
                 b = blobs[j]
-                box = tuple(int(v) for v in b.bbox)
-                at_edge = box[0] <= 0 or box[2] >= self.width
+                box = tuple(b.bbox)
+                at_edge = _at_edge(box, self.width)
                 self.predictor.observe(s, b.cx, b.cy, fi,
                                        learn=(s.n_links >= _CONFIRM_LINKS and not at_edge
                                               and not tr.tail))
@@ -276,19 +234,19 @@ class Linker:
                 tr.x_max = max(tr.x_max, b.cx)
                 tr.exited_edge = box[2] >= self.width - self.margin
                 if not tr.tail:
-                    tr.rec.add(self.cutter(image, b.cx, b.cy, box), fi, frame.t_ns, b.cx, b.cy,
-                               box, int(b.area), _shape_of(b))
+                    rec = tr.rec
+                    self.cutter(image, b.cx, b.cy, box, rec.slot())
+                    rec.add(None, fi, t_ns, b.cx, b.cy, box, b.area, _shape_of(b))
             elif i in carried:
-                cx, cy = carried[i]
-                box = _moved(tr.box, s, cx, cy)
-                self.predictor.observe(s, cx, cy, fi, learn=False)
+                cx, cy, box = carried[i]
+                self.predictor.move(s, cx, cy, fi)
                 tr.box = box
                 tr.misses = 0
                 tr.x_max = max(tr.x_max, cx)
-                if not tr.tail:
-                    tr.rec.add(self.cutter(image, cx, cy, box), fi, frame.t_ns, cx, cy, box, 0,
-                               None)
-                    tr.rec.last_detected = tr.rec.n - 1   # seen, only not measured alone
+                if not tr.tail:       # seen, only not measured alone
+                    rec = tr.rec
+                    self.cutter(image, cx, cy, box, rec.slot())
+                    rec.add(None, fi, t_ns, cx, cy, box, 0, None, seen=True)
             else:
                 px, py = pred[i]
                 tr.misses += 1
@@ -299,8 +257,9 @@ class Linker:
                     st["gap_frames"] += 1
                     if not tr.tail:
                         box = _moved(tr.box, s, px, py)
-                        tr.rec.add(self.cutter(image, px, py, box), fi, frame.t_ns, px, py,
-                                   box, 0, None)
+                        rec = tr.rec
+                        self.cutter(image, px, py, box, rec.slot())
+                        rec.add(None, fi, t_ns, px, py, box, 0, None)
             if done_reason is not None:
                 clip = self._finish(tr, done_reason, frame.t_ns)
                 if clip is not None:
@@ -314,18 +273,18 @@ class Linker:
                 tr.rec = None
             keep.append(tr)
 
-        # 6. new tracks
-        for j, b in enumerate(blobs):
+        # 6. new tracks (from free blobs, and from the free part of a big blob at the inlet)
+        for j, b in enumerate(blobs + extra):
             if j in blob_track:
                 continue
             tr = _Track(self._next_tid, b, ClipRecorder(self.cutter.size, self.max_frames),
                         at_start=(fi == self._first_index),
                         entry_ok=(b.bbox[0] <= self.margin and fi != self._first_index))
             self._next_tid += 1
-            box = tuple(int(v) for v in b.bbox)
+            box = tuple(b.bbox)
             tr.exited_edge = box[2] >= self.width - self.margin
-            tr.rec.add(self.cutter(image, b.cx, b.cy, box), fi, frame.t_ns, b.cx, b.cy, box,
-                       int(b.area), _shape_of(b))
+            self.cutter(image, b.cx, b.cy, box, tr.rec.slot())
+            tr.rec.add(None, fi, t_ns, b.cx, b.cy, box, b.area, _shape_of(b))
             keep.append(tr)
             st["tracks_started"] += 1
         self._tracks = keep
@@ -347,6 +306,103 @@ class Linker:
         return out
 
     # -- internals ---------------------------------------------------------------------------
+    def _explain_big_blobs(self, blobs, tracks, pred, track_blob, blob_track):
+        """Tracks carried along with a blob they share; extra blobs for entering cells.
+
+        A blob *claims* the tracks that took it while it is much larger than their cell
+        (``merge_area_ratio``), and the unmatched tracks whose prediction lies inside its box.
+        Several claimed tracks move with the blob (its shift from their mean prediction); one
+        claimed track is aligned to the end of the blob nearer its prediction, and when the rest
+        of the blob reaches the left image edge, that rest is a cell entering behind it.
+        An unmatched track whose prediction lies inside a free blob of a single cell's size,
+        just outside the gate, is linked to it (a rescue). Updates the link maps in place.
+        """
+        st = self.stats
+        nt = len(tracks)
+        claims: dict[int, list[int]] = {}
+        for i in range(nt):
+            if tracks[i].state.n_links < _CONFIRM_LINKS:
+                continue        # a young track may be noise: it claims nothing
+            j = track_blob.get(i)
+            if j is not None:
+                if not _at_edge(tracks[i].box, self.width) and \
+                        blobs[j].area >= self.merge_ratio * tracks[i].area:
+                    claims.setdefault(j, []).append(i)
+                continue
+            px, py = pred[i]
+            for j, b in enumerate(blobs):
+                x0, y0, x1, y1 = b.bbox
+                if x0 - 4 <= px < x1 + 4 and y0 - 4 <= py < y1 + 4:
+                    claims.setdefault(j, []).append(i)
+                    break
+        carried: dict[int, tuple[float, float, tuple]] = {}
+        extra: list[Blob] = []
+        for j, members in claims.items():
+            b = blobs[j]
+            owner = blob_track.get(j)
+            # a cell cut by the image edge grows or shrinks: its area says nothing
+            whole = [tracks[i].area for i in members if not _at_edge(tracks[i].box, self.width)]
+            big = bool(whole) and b.area >= self.merge_ratio * max(whole)
+            if not big:
+                if owner is None and len(members) == 1:
+                    i = members[0]
+                    if b.cx - tracks[i].state.x >= -self.max_back:
+                        track_blob[i] = j
+                        blob_track[j] = i
+                        st["rescued"] += 1
+                continue        # an owned blob of one cell's size: the others just miss
+            if owner is not None and owner not in members:
+                members.insert(0, owner)
+            for i in members:
+                track_blob.pop(i, None)
+            blob_track[j] = -1
+            st["merged_frames"] += len(members)
+            if len(members) >= 2:
+                # the blob's extent is known: the first and last cell along the axis on which
+                # the cells are spread touch its ends; the others move with its centroid
+                mx = sum(pred[i][0] for i in members) / len(members)
+                my = sum(pred[i][1] for i in members) / len(members)
+                xs = [pred[i][0] for i in members]
+                ys = [pred[i][1] for i in members]
+                ax = 0 if max(xs) - min(xs) >= max(ys) - min(ys) else 1
+                order = sorted(members, key=lambda i: pred[i][ax])
+                for i in members:
+                    if i not in (order[0], order[-1]):       # in the middle: as predicted
+                        cx, cy = pred[i]
+                        carried[i] = (cx, cy, _moved(tracks[i].box, tracks[i].state, cx, cy))
+                        continue
+                    cx, cy = pred[i][0] + b.cx - mx, pred[i][1] + b.cy - my
+                    box = _moved(tracks[i].box, tracks[i].state, cx, cy)
+                    if i == order[0]:
+                        d = b.bbox[ax] - box[ax]
+                    else:
+                        d = b.bbox[ax + 2] - box[ax + 2]
+                    if ax == 0:
+                        cx += d
+                        box = (box[0] + d, box[1], box[2] + d, box[3])
+                    else:
+                        cy += d
+                        box = (box[0], box[1] + d, box[2], box[3] + d)
+                    carried[i] = (cx, cy, box)
+                continue
+            i = members[0]
+            tr = tracks[i]
+            px, py = pred[i]
+            pbox = _moved(tr.box, tr.state, px, py)
+            if abs(pbox[2] - b.bbox[2]) <= abs(pbox[0] - b.bbox[0]):
+                dx = b.bbox[2] - pbox[2]          # the track is the front (right) part
+            else:
+                dx = b.bbox[0] - pbox[0]          # the track is the rear (left) part
+            cx = px + dx
+            box = (pbox[0] + dx, pbox[1], pbox[2] + dx, pbox[3])
+            carried[i] = (cx, py, box)
+            rest_w = box[0] - b.bbox[0]
+            rest_area = b.area - tr.area
+            if b.bbox[0] <= self.margin and rest_w >= 8 and rest_area >= 50:
+                extra.append(Blob(b.frame_index, 0.5 * (b.bbox[0] + box[0]), b.cy,
+                                  int(rest_area), (b.bbox[0], b.bbox[1], box[0], b.bbox[3])))
+        return carried, extra
+
     def _finish(self, tr: _Track, how: str, t_ns: int) -> CellClip | None:
         if tr.tail:
             return None
@@ -378,6 +434,10 @@ class Linker:
         st["clips"] += 1
         st["complete" if status is TrackStatus.COMPLETE else "truncated"] += 1
         return clip
+
+
+def _at_edge(box, width: int) -> bool:
+    return box[0] <= 0 or box[2] >= width
 
 
 def _shape_of(b: Blob) -> tuple[float, ...]:

@@ -78,6 +78,13 @@ class NullPredict:
             state.n_links += 1
         state.x, state.y, state.frame = float(x), float(y), int(frame)
 
+    def move(self, state: TrackState, x: float, y: float, frame: int) -> None:
+        """Place the track at (x, y) [px] in ``frame`` without measuring a velocity.
+
+        For positions that are inferred, not measured (a cell hidden in a merged blob).
+        """
+        state.x, state.y, state.frame = float(x), float(y), int(frame)
+
     def predict(self, state: TrackState, frame: int) -> tuple[float, float]:
         """Predicted centroid (x, y) [px] of the track in ``frame``."""
         return state.x, state.y
@@ -111,12 +118,14 @@ class FlowPredict(NullPredict):
     memory : int, optional
         Effective number of observations kept per grid cell (older ones fade out, so the field
         follows a slowly changing pressure).
+    res_decay : float, optional
+        Per unseen frame, a track's residual velocity shrinks by this factor.
     """
 
     name = "flow"
 
     def __init__(self, geometry, *, bin_px: float = 8.0, prior_vx: float = 0.0,
-                 min_samples: int = 3, memory: int = 200, **_):
+                 min_samples: int = 3, memory: int = 200, res_decay: float = 0.8, **_):
         super().__init__(geometry, prior_vx=prior_vx)
         if bin_px <= 0:
             raise ValueError(f"FlowPredict: bin_px must be > 0, got {bin_px!r}")
@@ -130,8 +139,17 @@ class FlowPredict(NullPredict):
         self._grid = [[0.0, 0.0, 0.0] for _ in range(n)]
         self._col = [[0.0, 0.0, 0.0] for _ in range(self.nx)]
         self.n_observed = 0
+        self.res_decay = float(res_decay)
 
     # -- the field ---------------------------------------------------------------------------
+    def move(self, state: TrackState, x: float, y: float, frame: int) -> None:
+        dt = frame - state.frame
+        if dt > 0 and state.has_res:
+            k = self.res_decay ** dt
+            state.rx *= k
+            state.ry *= k
+        super().move(state, x, y, frame)
+
     def _cells(self, x: float, y: float):
         ix = int(x / self.bin)
         iy = int(y / self.bin)
@@ -183,12 +201,15 @@ class FlowPredict(NullPredict):
     def predict(self, state: TrackState, frame: int) -> tuple[float, float]:
         dt = frame - state.frame
         x, y = state.x, state.y
+        rx, ry = state.rx, state.ry
         for _ in range(max(dt, 0)):
             fx, fy, known = self.field(x, y)
             if known:
                 if state.has_res:
-                    fx += state.rx
-                    fy += state.ry
+                    fx += rx
+                    fy += ry
+                    rx *= self.res_decay      # unseen, a cell falls back into the flow
+                    ry *= self.res_decay
             elif state.has_vel:
                 fx, fy = state.vx, state.vy
             else:
