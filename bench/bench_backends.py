@@ -1,7 +1,7 @@
 """Inference backends on the same SlowFast graphs: clips/s and latency at batch 1 and 8.
 
-Backends: PyTorch eager (CPU), ONNX Runtime (CPU), and where present PyTorch CUDA and
-TensorRT (FP16). Models: the demo-size R18 (width 16), a full-width R18 and an R50, at 64 x 64
+Backends: PyTorch eager (CPU), ONNX Runtime (CPU), and where present PyTorch CUDA (eager fp32,
+eager fp16 autocast, and a captured CUDA graph in fp32 and fp16) and TensorRT (FP16). Models: the demo-size R18 (width 16), a full-width R18 and an R50, at 64 x 64
 grey with 32 frames; ``--r50-224`` adds R50 at 224 x 224 (slow on a CPU: few iterations).
 Weights are random (speed does not depend on them). CPU backends use the same thread count
 (``--threads``, default all cores): ``torch.set_num_threads`` and ORT's intra-op threads.
@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         flops = flops_per_clip(model)
         ckpt = Checkpoint.from_model(model, trained_on="benchmark, random weights")
         onnx_path = tmp / f"{name}.onnx"
-        export_onnx(ckpt, onnx_path, check_batches=(1,), tolerance=1e-3)
+        need_onnx = not args.no_cpu or trt_ok
+        if need_onnx:
+            export_onnx(ckpt, onnx_path, check_batches=(1,), tolerance=1e-3)
         heavy = spec["crop"] >= 224 or "r50" in name
         iters = max(2, args.iters // 3) if heavy and spec["crop"] >= 224 else args.iters
         warm = 1 if spec["crop"] >= 224 else args.warmup
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         so.intra_op_num_threads = args.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        sess = (ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+                if need_onnx else None)
         for b in args.batches:
             x = np.random.default_rng(0).standard_normal(
                 (b, *model.config.input_shape)).astype(np.float32)
@@ -134,20 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(_fmt(rows[-2]), flush=True)
                 print(_fmt(rows[-1]), flush=True)
             if cuda:
-                gm = model.to("cuda")
-                xg = torch.from_numpy(x).cuda()
-                torch.backends.cudnn.benchmark = True
-                for dtype, label in ((torch.float32, "torch-cuda-fp32"),
-                                     (torch.float16, "torch-cuda-fp16")):
-                    def torch_gpu(dtype=dtype):
-                        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype,
-                                                                    enabled=dtype != torch.float32):
-                            gm(xg)
-                    rows.append(_row(name, label, b, _time(torch_gpu, 5, max(args.iters, 20),
-                                                           torch.cuda.synchronize), flops,
-                                     gpu_name))
-                    print(_fmt(rows[-1]), flush=True)
-                model.to("cpu")
+                rows.extend(_bench_cuda(name, model, x, b, flops, gpu_name, args))
             if trt_ok:
                 rows.extend(_bench_trt(name, onnx_path, x, b, flops, gpu_name, args))
     summary = _ratios(rows)
@@ -171,6 +161,47 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.out}  ({cpu_name}, {args.threads} threads"
           + (f"; GPU {gpu_name}" if gpu_name else "") + ")")
     return 0
+
+
+def _bench_cuda(name, model, x, b, flops, gpu_name, args) -> list[dict]:
+    """PyTorch CUDA: eager fp32/fp16 (autocast), and a captured CUDA graph of the fp16 model
+    in channels-last-3d (removes the per-kernel launch overhead that dominates small clips)."""
+    import copy
+
+    import torch
+    rows = []
+    torch.backends.cudnn.benchmark = True
+    iters = max(args.iters, 20)
+    gm = copy.deepcopy(model).to("cuda").eval()
+    xg = torch.from_numpy(x).cuda()
+    for dtype, label in ((torch.float32, "torch-cuda-fp32"), (torch.float16, "torch-cuda-fp16")):
+        def eager(dtype=dtype):
+            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype,
+                                                        enabled=dtype != torch.float32):
+                gm(xg)
+        rows.append(_row(name, label, b, _time(eager, 5, iters, torch.cuda.synchronize), flops,
+                         gpu_name))
+        print(_fmt(rows[-1]), flush=True)
+    for half, label in ((False, "cuda-graph-fp32"), (True, "cuda-graph-fp16")):
+        m = copy.deepcopy(model).to("cuda").eval()
+        static_x = xg.clone()
+        if half:
+            m = m.half().to(memory_format=torch.channels_last_3d)
+            static_x = static_x.half().contiguous(memory_format=torch.channels_last_3d)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(3):                      # cudnn.benchmark picks kernels here
+                m(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            m(static_x)
+        rows.append(_row(name, label, b, _time(graph.replay, 5, iters, torch.cuda.synchronize),
+                         flops, gpu_name))
+        print(_fmt(rows[-1]), flush=True)
+        del graph, m
+    return rows
 
 
 def _bench_trt(name, onnx_path, x, b, flops, gpu_name, args) -> list[dict]:

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         best_w, best_c = min(walls), min(cpus)
         rows.append({"case": name, "frames": frames,
                      "wall_s": [round(x, 4) for x in walls], "cpu_s": [round(x, 4) for x in cpus],
-                     "fps_wall_best": frames / best_w, "fps_wall_median": frames / statistics.median(walls),
+                     "fps_wall_best": frames / best_w,
+                     "fps_wall_median": frames / statistics.median(walls),
                      "fps_cpu_best": frames / best_c,
                      "x_realtime_wall_best": frames / best_w / fps_cam})
 
@@ -132,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['fps_wall_median']:>13.0f} {r['fps_cpu_best']:>13.0f} "
               f"{r['x_realtime_wall_best']:>12.1f}")
     result = {
-        "benchmark": "sim", "command": "python -m bench.bench_sim " + " ".join(argv or sys.argv[1:]),
+        "benchmark": "sim",
+        "command": " ".join(["python -m bench.bench_sim",
+                             *(sys.argv[1:] if argv is None else argv)]),
         "machine": {"cpu": _cpu_model(), "affinity": pinned, "platform": platform.platform(),
                     "python": platform.python_version(), "numpy": np.__version__,
                     "numba": numba.__version__},

@@ -143,7 +143,7 @@ class ClipRecorder:
     __slots__ = ("size", "max_frames", "n", "frames", "index", "t_ns", "cxy", "box", "area",
                  "shape", "n_detected", "last_detected")
 
-    def __init__(self, size: int, max_frames: int, capacity: int = 32):
+    def __init__(self, size: int, max_frames: int, capacity: int = 8):
         self.size = int(size)
         self.max_frames = int(max_frames)
         cap = max(1, min(capacity, self.max_frames))
@@ -181,9 +181,10 @@ class ClipRecorder:
         statistics) None marks a frame without a measurement; ``seen`` (default: ``shape`` is
         given) marks a frame in which the cell was seen, so that the clip runs up to it.
         """
-        buf = self.slot()
         if crop is not None:
-            buf[...] = crop
+            self.slot()[...] = crop
+        elif self.n >= self.frames.shape[0]:
+            raise IndexError("ClipRecorder.add(None, ...) needs the crop written into slot() first")
         i = self.n
         self.index.append(int(index))
         self.t_ns.append(int(t_ns))

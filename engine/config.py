@@ -77,21 +77,29 @@ class RingConfig:
 @dataclass(frozen=True)
 class FrontEndConfig:
     bg_frames: int = opt(100, lo=3, help="frames sampled for the median background")
-    bg_sigma: float = opt(4.0, lo=0, help="Gaussian blur before the median [px]")
+    bg_sigma: float = opt(4.0, lo=0, help="Gaussian blur of frames and median in the report's method (reference) [px]")
     bg_update_frames: int = opt(2000, lo=0,
-                                help="refresh the background every this many frames (0: never)")
-    threshold: float = opt(2.0, lo=0, help="foreground threshold |frame - bg| > T [grey levels]")
-    smooth_sigma: float = opt(1.0, lo=0, help="blur of the difference image before thresholding [px]")
+                                help="time constant of the running background [frames]; it is "
+                                "sampled every 1/16 and refreshed every 1/4 of it (0: never)")
+    threshold: float = opt(2.0, lo=0, help="report's T: |blur(frame) - bg| > T, blur bg_sigma "
+                            "(the reference method) [grey levels]")
+    fg_threshold: float = opt(6.0, lo=0, help="front end's low threshold |frame - bg| > T on frames "
+                              "smoothed by smooth_sigma [grey levels]")
+    smooth_sigma: float = opt(0.0, lo=0, help="blur of frame and background before thresholding [px]")
     seed_threshold: float = opt(0.0, lo=0, help="seed (high) threshold on the raw difference "
-                                "[grey levels]; 0: auto = max(2 T, 4.5 noise sd, 3)")
+                                "[grey levels]; 0: auto = max(2 fg_threshold, 4.5 noise sd, 3)")
     seed_min_px: int = opt(3, lo=1, help="fewest seed pixels that open a region (noise below) [px]")
     roi_margin: int = opt(6, lo=0, help="region grown around each seed blob [px]")
     polarity: Literal["both", "dark", "bright"] = opt(
         "both", help="foreground is |frame - bg| > T (both), frame - bg < -T (dark) or > T (bright)")
     static_frames: int = opt(10, lo=0, help="blobs that stay put (<= 1 px) this many frames are "
                              "stuck debris and dropped (0: keep all)")
-    fill_holes: bool = opt(True, help="fill holes in blobs (a cell centre as bright as the "
+    fill_holes: bool = opt(False, help="fill holes in blobs (a cell centre as bright as the "
                            "background), as dclab's masks")
+    split_area_factor: float = opt(1.5, lo=0, help="blobs above this x the typical blob area "
+                                   "are cut at a narrow neck (touching cells; 0: never)")
+    split_neck_ratio: float = opt(0.6, lo=0, hi=1, help="a neck is narrower than this x the "
+                                  "blob's extent on both sides")
     illumination: bool = opt(True, help="subtract each frame's median offset from the background")
     rejoin_min_deform: float = opt(0.1, lo=0, hi=1, help="a part needs deformation >= this "
                                    "(low circularity) to be re-joined")

@@ -214,6 +214,7 @@ class Dispatcher:
                             duplicates_dropped=0, workers_dead=0, workers_seen=0, malformed=0,
                             unanswered=0, callback_errors=0, max_queue=0)
         self._workers: dict[bytes, _Worker] = {}
+        self._dead_idents: set[bytes] = set()
         self._closing = False
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
@@ -288,6 +289,11 @@ class Dispatcher:
             raise DeliveryError("Dispatcher.submit() before start()")
         if not isinstance(clip, CellClip):
             raise TypeError(f"submit() takes a CellClip, got {type(clip).__name__}")
+        f = clip.frames
+        if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or not len(f):
+            raise ValueError(f"clip {clip.cell_id}: frames must be a uint8 array (T, H, W) with "
+                             f"T >= 1, got {getattr(f, 'dtype', type(f).__name__)} "
+                             f"{getattr(f, 'shape', '')}")
         with self._lock:
             if self._closing:
                 raise DeliveryError(f"clip {clip.cell_id} submitted after close()")
@@ -437,6 +443,9 @@ class Dispatcher:
                     sock.curve_secretkey, sock.curve_publickey = ssec, spub
                     sock.curve_server = True
             host = f"[{self.host}]" if ":" in self.host else self.host
+            if ":" in self.host:
+                for sock in (router, pub):
+                    sock.setsockopt(zmq.IPV6, 1)
             router.bind(f"tcp://{host}:{self.cfg.serving.port or 0}")
             pub.bind(f"tcp://{host}:{self.cfg.serving.pub_port or 0}")
             self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -460,8 +469,8 @@ class Dispatcher:
             log.exception("dispatcher loop failed")
             self._error = exc
         finally:
-            router.close(0)
-            pub.close(0)
+            router.close(linger=1000)        # let the eos messages leave
+            pub.close(linger=200)
             if auth is not None:
                 auth.stop()
             ctx.term()
@@ -520,10 +529,11 @@ class Dispatcher:
                     self._answer_all(why)
                     outstanding = 0
                 if not outstanding:
-                    for w in list(self._workers.values()):
-                        self._send(router, w.ident, wire.encode("eos", self.run_id))
+                    # eos to the live workers and to those declared dead (a slow one may still
+                    # be there; an unreachable one is skipped).
+                    for ident in list(self._workers) + list(self._dead_idents):
+                        self._send(router, ident, wire.encode("eos", self.run_id))
                     self._publish("eos", counters=self.counts)
-                    time.sleep(0.05)          # let eos leave before the sockets close
                     return
 
     # --------------------------------------------------------------------------------------
@@ -558,6 +568,7 @@ class Dispatcher:
         now = time.monotonic()
         w = self._workers.get(ident)
         if kind == "hello":
+            self._dead_idents.discard(ident)
             if w is None:
                 w = _Worker(ident, h.get("model_id", ""), h["max_batch"], 0, now,
                             name=h.get("worker", ""))
@@ -667,6 +678,7 @@ class Dispatcher:
     def _declare_dead(self, w: _Worker, why: str) -> None:
         if self._workers.pop(w.ident, None) is None:
             return
+        self._dead_idents.add(w.ident)
         log.warning("worker %s declared dead (%s); re-sending its %d clips", w.name, why,
                     len(w.inflight))
         with self._lock:
@@ -691,15 +703,16 @@ class Dispatcher:
         for seq, n in failed:
             self._answer_error(seq, f"no prediction after {n} attempts (workers died or left)")
 
-    def _next_clip(self) -> _Entry | None:
+    def _next_clip(self) -> tuple[_Entry | None, int]:
+        """The next clip to send (re-sends first) and how many wait behind it."""
         with self._lock:
             for q in (self._resend, self._memq):
                 while q:
                     seq = q.popleft()
                     e = self._entries.get(seq)
                     if e is not None and e.clip is not None:
-                        return e
-        return None
+                        return e, len(self._resend) + len(self._memq) + len(self._spilled)
+        return None, 0
 
     def _dispatch(self, router: zmq.Socket) -> None:
         while True:
@@ -707,10 +720,16 @@ class Dispatcher:
             if not ready:
                 return
             w = max(ready, key=lambda x: (x.credit, -len(x.inflight)))
-            e = self._next_clip()
+            e, backlog = self._next_clip()
             if e is None:
                 return
-            frames = wire.encode_clip(e.clip, run=self.run_id, seq=e.seq)
+            # backlog tells the worker whether more clips are coming (worth waiting for to
+            # fill a batch) or not (run the batch now).
+            try:
+                frames = wire.encode_clip(e.clip, run=self.run_id, seq=e.seq, backlog=backlog)
+            except (WireError, TypeError, ValueError) as exc:
+                self._answer_error(e.seq, f"clip cannot be encoded: {exc}")
+                continue
             if not self._send(router, w.ident, frames):
                 with self._lock:
                     self._resend.appendleft(e.seq)

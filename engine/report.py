@@ -19,7 +19,11 @@ Statistics (pure functions of counts, numpy/scipy only)
   - ``"wilson"``: the Wilson limits transformed the same way (close to nominal, not
     guaranteed), for comparison.
 
-  Coverage is checked in ``tests/test_report.py`` by simulation (200 samples per setting).
+  Coverage is checked in ``tests/test_report.py``. With Se 0.79 / Sp 0.95 known, computed
+  exactly over all counts: "exact" 95.2 / 95.5 / 95.5 %, "wilson" 95.1 / 95.2 / 95.2 % for a
+  true fraction of 0.1 % in 50,000 cells, 1 % in 5,000 and 5 % in 3,000. Simulated with Se/Sp
+  re-estimated from 400 + 400 validation cells each time (1000 samples): "lang-reiczigel"
+  94.9 / 95.0 / 95.6 %.
 * Fetal bleed [mL fetal whole blood] = corrected fraction x maternal blood volume (5000 mL by
   default): the Kleihauer-Betke calculation "mL fetal blood = % fetal cells x 50"
   (fetal cells / maternal cells x maternal blood volume; e.g. fpnotebook.com, Kleihauer-Betke

@@ -357,9 +357,13 @@ class FrameRing:
                               f"({shm.size} bytes)")
         try:
             ring = cls(shm, owner=False)
-        except SourceError:
-            shm.close()
-            raise
+        except SourceError as exc:
+            exc.__traceback__ = None          # drop the frames that hold views of the buffer
+            try:
+                shm.close()
+            except BufferError:               # pragma: no cover - a view survived; GC frees it
+                pass
+            raise exc from None
         h = ring._h
         h[_H_ATTACHED] = h[_H_ATTACHED] + 1
         if h[_H_ATTACHED] >= h[_H_PEERS] and not h[_H_UNLINKED]:

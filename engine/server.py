@@ -9,13 +9,17 @@ connects a DEALER socket to the dispatcher's ROUTER and
    a blind PUSH whose high-water mark silently blocks or drops, pitfall 11);
 3. preprocesses them by the artefact's metadata (:mod:`engine.infer.preprocess`, the code
    training uses), runs the backend on micro-batches (at most ``max_batch`` clips or
-   ``max_wait_ms``), and answers every clip with one ``prediction`` (an explicit error record
-   when the clip cannot be classified), then returns the credit;
+   ``max_wait_ms``; at once when no more clips can come: the dispatcher's ``backlog`` hint is
+   0 or the worker holds all its credit allows), and answers every clip with one
+   ``prediction`` (an explicit error record when the clip cannot be classified), then
+   returns the credit;
 4. sends a ``heartbeat`` every ``heartbeat_ms``;
 5. ends on ``eos`` or SIGTERM after answering what it holds, saying ``bye``.
 
 Malformed messages are counted, logged (rate-limited) and dropped; the worker keeps serving
-and holds at most ``max_batch`` clips plus one message in memory.
+and holds at most ``max_batch`` clips plus one message in memory. Inference runs in the
+worker's one thread, so a batch must take less than ``worker_timeout_ms`` (heartbeats pause
+meanwhile); a worker declared dead that answers later is harmless (duplicates are dropped).
 """
 from __future__ import annotations
 
@@ -98,6 +102,7 @@ class InferenceWorker:
         self.stats = {"received": 0, "malformed": 0, "answered": 0, "errors": 0, "batches": 0,
                       "unexpected": 0, "send_timeouts": 0}
         self._stop = threading.Event()
+        self._backlog: int | None = None
         self._last_log = 0.0
 
     # --------------------------------------------------------------------------------------
@@ -124,6 +129,8 @@ class InferenceWorker:
                 from .dispatch import curve_client_keys
                 pub, sec, server = curve_client_keys(self.curve_keys)
                 sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = pub, sec, server
+            if self.connect.startswith("tcp://["):
+                sock.setsockopt(zmq.IPV6, 1)
             sock.connect(self.connect)
             self._sock = sock
             self._run_id = ""
@@ -148,8 +155,15 @@ class InferenceWorker:
                             if kind == "eos":
                                 eos = True
                                 break
+                            if len(batcher) >= self.max_batch:
+                                break
                 now = time.monotonic()
-                if batcher.due(now) or ((eos or self._stop.is_set()) and len(batcher)):
+                # Run a batch when it is full or has waited max_wait_ms, and at once when no
+                # more clips can come: the dispatcher has nothing queued, or this worker holds
+                # all the clips its credit allows (waiting would only add latency).
+                if batcher.due(now) or (len(batcher) and (
+                        self._backlog == 0 or len(batcher) >= self.credits
+                        or eos or self._stop.is_set())):
                     self._process(batcher.take())
                 if (eos or self._stop.is_set()) and not len(batcher):
                     break
@@ -195,6 +209,7 @@ class InferenceWorker:
                 self._answer_error(msg.header, f"malformed clip: {exc}")
                 return "malformed"
             batcher.add((msg.header["seq"], clip, time.monotonic()), time.monotonic())
+            self._backlog = msg.header.get("backlog")
         elif kind == "reset":                   # the dispatcher does not know us (restarted)
             self._hello(self.credits - len(batcher))
         elif kind != "eos":

@@ -72,7 +72,7 @@ _OPTIONAL: dict[str, tuple] = {
     "status": (str,), "reason": (str,), "t0_ns": (int,), "t_exit_ns": (int,),
     "features": (dict,), "model_id": (str,), "worker": (str,), "pid": (int,),
     "backend": (str,), "compute_ms": _NUM, "wait_ms": _NUM, "latency_ms": (int, float, type(None)),
-    "sent_ns": (int,), "stats": (dict,), "counters": (dict,), "classes": (list,),
+    "sent_ns": (int,), "backlog": (int,), "stats": (dict,), "counters": (dict,), "classes": (list,),
 }
 # Arrays a kind must carry: name -> (dtype, rank).
 _CLIP_ARRAYS = {"frames": ("uint8", 3), "frame_indices": ("int64", 1),
@@ -441,13 +441,13 @@ def _error(exc: WireError, identity: bytes | None, header: dict | None) -> WireE
 
 def encode_clip(clip: CellClip, *, run: str, seq: int, **fields: Any) -> list:
     """Frames of a ``clip`` message for one :class:`~engine.types.CellClip`."""
-    arrays = {
-        "frames": np.asarray(clip.frames, dtype=np.uint8),
-        "frame_indices": np.asarray(clip.frame_indices, dtype=np.int64),
-        "centroids": np.asarray(clip.centroids, dtype=np.float32),
-        "boxes": np.asarray(clip.boxes, dtype=np.int32),
-        "areas": np.asarray(clip.areas, dtype=np.int32),
-    }
+    arrays = {}
+    for name, (dtype, _) in _CLIP_ARRAYS.items():
+        a = np.asarray(getattr(clip, name))
+        if not np.can_cast(a.dtype, dtype, casting="same_kind") or (
+                name == "frames" and a.dtype != np.uint8):
+            raise WireError(f"clip {clip.cell_id}: {name} has dtype {a.dtype}, expected {dtype}")
+        arrays[name] = a.astype(dtype, copy=False)
     status = clip.status.value if isinstance(clip.status, TrackStatus) else str(clip.status)
     return encode("clip", run, arrays, cell=int(clip.cell_id), seq=int(seq), status=status,
                   reason=clip.reason, t0_ns=int(clip.t0_ns), t_exit_ns=int(clip.t_exit_ns),

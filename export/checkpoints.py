@@ -231,8 +231,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         hint = ""
         try:
-            hint = f" (looks like a {detect_layout(_unwrap(data))} checkpoint: convert it with " \
-                   "export.checkpoints.import_checkpoint)"
+            hint = (f" (looks like a {detect_layout(_unwrap(data))} checkpoint: convert it with "
+                    "`fmh export --import-foreign` or export.checkpoints.import_checkpoint)")
         except ModelError:
             pass
         got = data.get("format") if isinstance(data, dict) else type(data).__name__

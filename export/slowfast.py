@@ -338,18 +338,14 @@ class SlowFast(nn.Module):
             if clip.dim() != 5 or tuple(clip.shape[1:]) != expect:
                 raise ValueError(f"SlowFast: input shape {tuple(clip.shape)} does not match "
                                  f"(N, {', '.join(map(str, expect))})")
-        slow = self.stem_slow(clip[:, :, ::self.config.alpha])
-        fast = self.stem_fast(clip)
-        slow = self.fusions[0](slow, fast)
-        for k, stage in enumerate(self.stages):
-            slow = stage["slow"](slow)
-            fast = stage["fast"](fast)
-            if k < 3:
-                slow = self.fusions[k + 1](slow, fast)
-        return self.head(slow, fast)
+        return self.head(*self.pathway_features(clip))
 
     def pathway_features(self, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The res5 feature maps (slow, fast) before the head (for Grad-CAM)."""
+        """The res5 feature maps (slow, fast) before the head (for Grad-CAM).
+
+        The Slow pathway takes frames 0, alpha, 2 alpha, ... of the one input clip (a strided
+        Slice in the exported graph), aligned with the centres of the fusion convolution.
+        """
         slow = self.stem_slow(clip[:, :, ::self.config.alpha])
         fast = self.stem_fast(clip)
         slow = self.fusions[0](slow, fast)

@@ -62,7 +62,8 @@ class ExportResult:
                 f"reference clips ({per})")
 
 
-def reference_clips(config, n: int = 5, seed: int = 0) -> np.ndarray:
+def reference_clips(config, n: int = 5, seed: int = 0,
+                    normalisation: Mapping | None = None) -> np.ndarray:
     """``n`` deterministic preprocessed clips ``(n, C, T, H, W)`` float32 for parity checks:
     a dark disc crossing a noisy bright background at different speeds, through the shared
     preprocessing (so the values span what the model sees)."""
@@ -70,9 +71,9 @@ def reference_clips(config, n: int = 5, seed: int = 0) -> np.ndarray:
     from .checkpoints import default_normalisation
     rng = np.random.default_rng(seed)
     c, t, h, w = config.input_shape
-    norm = default_normalisation(c)
-    spec = InputSpec(channels=c, frames=t, height=h, width=w, scale=norm["scale"],
-                     mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+    norm = dict(normalisation or default_normalisation(c))
+    spec = InputSpec.from_meta({"input": {"channels": c, "frames": t, "height": h, "width": w},
+                                "normalisation": norm})
     yy, xx = np.mgrid[0:h, 0:w]
     clips = []
     for i in range(n):
@@ -161,7 +162,7 @@ def export_onnx(source: Checkpoint | str | os.PathLike, out: str | os.PathLike, 
     model = copy.deepcopy(ckpt.build_model()).eval().cpu()
     cfg = model.config
     if reference is None:
-        reference = reference_clips(cfg, n=max(check_batches))
+        reference = reference_clips(cfg, n=max(check_batches), normalisation=ckpt.normalisation)
     reference = np.ascontiguousarray(reference, dtype=np.float32)
     if reference.ndim != 5 or tuple(reference.shape[1:]) != cfg.input_shape:
         raise ModelError(f"reference clips have shape {reference.shape}, expected "

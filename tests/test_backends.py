@@ -97,3 +97,28 @@ def test_backends_module_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_torch_backend_runs_the_checkpoint_beside_the_artefact(tmp_path):
+    torch = pytest.importorskip("torch")
+    from export import slowfast_r18
+    from export.checkpoints import Checkpoint, save_checkpoint
+    from export.slowfast import randomise_
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                 # a tiny net: thread start-up would dominate
+    try:
+        model = randomise_(slowfast_r18(width=8, frames=8, alpha=4, crop=32), seed=3).eval()
+        ckpt = Checkpoint.from_model(model, trained_on="unit test")
+        # The artefact supplies the input spec; the torch backend runs <stem>.pt beside it.
+        art = ModelArtefact.load(make_model(tmp_path / "sf.onnx", frames=8, size=32))
+        save_checkpoint(tmp_path / "sf.pt", ckpt)
+        x = preprocess([make_clip(i, frames=20, size=32) for i in range(3)], art.meta)
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(x)).numpy()
+        tb = make_backend(art, "torch", max_batch=2)           # 2 + 1
+        assert tb.name == "torch" and tb.providers[1] == "cpu"
+        np.testing.assert_allclose(tb.infer(x), ref, rtol=1e-4, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ModelError, match="no checkpoint"):
+        make_backend(art, "torch", checkpoint=str(tmp_path / "missing.pt"))

@@ -116,6 +116,10 @@ def test_fmh_export_command(small_ckpt, tmp_path, capsys):
     assert fmh(["export", str(tmp_path / "none.pt"), "--onnx", str(onnx_path)]) == 2
     assert "none.pt" in capsys.readouterr().err
     assert fmh(["export", str(path), "--onnx", str(onnx_path), "--opset", "11"]) == 2
+    if not tensorrt_available():            # --trt fails before anything is written
+        other = tmp_path / "other.onnx"
+        assert fmh(["export", str(path), "--onnx", str(other), "--trt", str(tmp_path / "m.plan")]) == 2
+        assert "TensorRT" in capsys.readouterr().err and not other.exists()
 
 
 def test_verify_reports_ort_row(ckpt, exported):

@@ -249,7 +249,7 @@ def test_slow_worker_clips_spill_to_disk_none_lost_order_kept(model, tmp_path):
     seen_on_disk.append(len(list(spill.glob("*.npy"))))
     counts = d.close(timeout=60)
     thread.join(10)
-    assert counts["spilled"] >= 30 and seen_on_disk[0] == counts["on_disk"] or seen_on_disk[0] > 0
+    assert counts["spilled"] >= 20 and seen_on_disk[0] > 0
     assert [p.cell_id for p in got] == list(range(40)), "lost, duplicated or reordered clips"
     assert not any(p.error for p in got)
     for c, p in zip(clips, got):
@@ -263,19 +263,24 @@ def test_worker_declared_dead_but_alive_its_late_answers_are_dropped(model, tmp_
                       "serving.max_batch": 4})
     got = []
     d = Dispatcher(cfg, got.append, spill_dir=tmp_path).start()
-    slow, t1 = _start_thread_worker(model, d.endpoint, cfg, delay_ms=150)   # 600 ms a batch
-    _wait(lambda: len(d.worker_info()) == 1, 20, "the slow worker")
-    for i in range(8):
+    slow, t1 = _start_thread_worker(model, d.endpoint, cfg, delay_ms=400)  # 1.6 s a batch,
+    _wait(lambda: len(d.worker_info()) == 1, 20, "the slow worker")      # no heartbeat
+    for i in range(4):
         d.submit(make_clip(i))
-    _wait(lambda: d.counts["workers_dead"] >= 1, 20, "the slow worker to be declared dead")
+    _wait(lambda: d.counts["inflight"] == 4, 20, "the slow worker to take the clips")
     fast, t2 = _start_thread_worker(model, d.endpoint, cfg)
+    _wait(lambda: d.counts["answered"] == 4 and slow.stats["answered"] == 4, 20,
+          "both workers to answer")
+    answered_twice = slow.stats["answered"] + fast.stats["answered"] - 4
+    _wait(lambda: d.counts["duplicates_dropped"] == answered_twice, 5, "the late answers")
     counts = d.close(timeout=60)
     t1.join(10)
     t2.join(10)
+    assert not t1.is_alive() and not t2.is_alive(), "eos must reach every worker"
     by_cell = Counter(p.cell_id for p in got)
-    assert sorted(by_cell) == list(range(8)) and set(by_cell.values()) == {1}
-    assert counts["duplicates_dropped"] >= 1 and counts["resent"] >= 1
-    assert counts["answered"] == 8
+    assert sorted(by_cell) == list(range(4)) and set(by_cell.values()) == {1}
+    assert counts["workers_dead"] >= 1 and counts["resent"] >= 1
+    assert counts["duplicates_dropped"] == answered_twice >= 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -296,14 +301,21 @@ def test_corrupt_model_file_is_a_model_error_naming_the_file(model, tmp_path):
 
 
 def test_engine_for_another_gpu_or_tensorrt_is_never_picked(model, tmp_path, monkeypatch):
+    import hashlib
     art = ModelArtefact.load(model)
     monkeypatch.setenv("FMH_TRT_CACHE", str(tmp_path))
-    plan = tmp_path / "tiny-x.plan"
-    plan.write_bytes(b"not an engine")
-    side = {"onnx_sha256": art.sha256, "tensorrt": "10.3.0", "gpu": "NVIDIA H100",
-            "precision": "fp16"}
+    plan = tmp_path / "tiny-fp16-0123456789abcdef.plan"
+    plan.write_bytes(b"an engine")
+    key = {"onnx_sha256": art.sha256, "tensorrt": "10.3.0", "gpu": "NVIDIA H100",
+           "compute_capability": "9.0", "precision": "fp16", "min_batch": 1, "opt_batch": 8,
+           "max_batch": 8, "input_shape": [1, 8, 16, 16]}
+    side = {"format": "fmh-trt-engine/1", "key": key,
+            "plan_sha256": hashlib.sha256(b"an engine").hexdigest()}
     plan.with_suffix(".json").write_text(json.dumps(side))
-    assert find_engine(art, "10.3.0", "NVIDIA H100", "fp16") == plan
-    assert find_engine(art, "10.3.0", "NVIDIA A100", "fp16") is None
-    assert find_engine(art, "10.9.0", "NVIDIA H100", "fp16") is None
+    assert find_engine(art, "10.3.0", "NVIDIA H100", "fp16", compute_capability="9.0") == plan
+    assert find_engine(art, "10.3.0", "NVIDIA A100", "fp16") is None          # another GPU
+    assert find_engine(art, "10.9.0", "NVIDIA H100", "fp16") is None          # another TRT
     assert find_engine(art, "10.3.0", "NVIDIA H100", "fp32") is None
+    assert find_engine(art, "10.3.0", "NVIDIA H100", "fp16", compute_capability="8.0") is None
+    plan.write_bytes(b"an engine, replaced")                                   # corrupt
+    assert find_engine(art, "10.3.0", "NVIDIA H100", "fp16") is None

@@ -181,6 +181,15 @@ def test_attach_errors_name_the_ring():
         FrameRing.create(SHAPE, slots=4, name=ring.name)
     ring.close()
     assert not _shm_exists(ring.name)
+    from multiprocessing import shared_memory
+    other = shared_memory.SharedMemory(name=f"fmh-test-other-{os.getpid()}", create=True,
+                                       size=4096)
+    try:
+        with pytest.raises(SourceError, match="is not an fmh frame ring"):
+            FrameRing.attach(other.name)
+    finally:
+        other.close()
+        other.unlink()
 
 
 def test_block_view_stays_valid_until_next_get():

@@ -79,6 +79,9 @@ def test_close_with_no_worker_answers_every_clip_with_an_error(tmp_path):
     d = Dispatcher(cfg_with(), got.append, spill_dir=tmp_path).start()
     for i in range(5):
         d.submit(make_clip(i))
+    import dataclasses
+    with pytest.raises(ValueError, match="uint8"):
+        d.submit(dataclasses.replace(make_clip(9), frames=np.zeros((4, 16, 16), np.float32)))
     counts = d.close(timeout=0.2)
     assert sorted(p.cell_id for p in got) == list(range(5))
     assert all(p.error == "not answered before shutdown" for p in got)
@@ -178,3 +181,40 @@ def test_fmh_serve_processes_serve_and_leave_on_eos(model, tmp_path):
     assert codes == [0]
     assert counts["answered"] == 30 and counts["errors"] == 0
     assert sorted(p.cell_id for p in got) == list(range(30))
+
+
+@pytest.mark.parametrize("n_clips, credits", [(3, 8),    # nothing more queued (backlog 0)
+                                              (9, 2)])   # queued, but no credit left
+def test_worker_runs_a_partial_batch_at_once_when_no_more_clips_can_come(model, tmp_path,
+                                                                        n_clips, credits):
+    # max_wait_ms of a minute: only the backlog hint and the credit rule let these clips be
+    # answered before close() gives up after 30 s.
+    cfg = cfg_with(serving__max_wait_ms=60000, serving__max_batch=8, serving__credits=credits)
+    got = []
+    d = Dispatcher(cfg, got.append, spill_dir=tmp_path).start()
+    w = ThreadWorker(model, d.endpoint, cfg)
+    for i in range(n_clips):
+        d.submit(make_clip(i))
+    counts = d.close(timeout=30)
+    w.join()
+    assert counts["unanswered"] == 0 and not any(p.error for p in got) and len(got) == n_clips
+
+
+def test_fmh_serve_leaves_cleanly_on_sigterm(model, tmp_path):
+    import signal
+    d = Dispatcher(cfg_with(), spill_dir=tmp_path).start()
+    procs = spawn_workers(model, d.endpoint, 1, overrides=["serving.heartbeat_ms=50"])
+    try:
+        end = time.monotonic() + 60
+        while not d.worker_info() and time.monotonic() < end:
+            time.sleep(0.02)
+        assert d.worker_info(), "worker did not join"
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(20) == 0
+        end = time.monotonic() + 10
+        while d.worker_info() and time.monotonic() < end:
+            time.sleep(0.02)
+        assert d.worker_info() == [] and d.counts["workers_dead"] == 0   # it said bye
+    finally:
+        d.close(timeout=1)
+        stop_workers(procs)

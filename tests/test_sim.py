@@ -1,4 +1,4 @@
-"""The synthetic PolyNano chip: determinism, truth against pixels, flow, classes, artefacts, CLI."""
+"""The synthetic PolyNano chip: determinism, truth vs pixels, flow, classes, artefacts, CLI."""
 import itertools
 
 import cv2
@@ -53,6 +53,8 @@ def test_frames_in_chunks_equal_frames_at_once():
     b, truth = chip.render(30)
     assert np.array_equal(np.concatenate([a, b]), whole)
     assert truth.frame_numbers.tolist() == list(range(50))
+    with pytest.raises(ValueError, match="C-contiguous uint8"):
+        next(chip.frames(2, out=np.zeros((1, 150, 800), np.uint8)))
 
 
 # -- truth against the pixels ---------------------------------------------------------------
@@ -309,7 +311,7 @@ def test_source_from_query():
     assert len(got) == 40 and [f.index for f in got] == list(range(40))
     assert got[1].t_ns - got[0].t_ns == 2_000_000               # 500 fps
     assert got[0].image.shape == (150, 800) and got[0].image.dtype == np.uint8
-    ref, truth = SyntheticChip(load_config(overrides={"sim.seed": 3, "sim.rate_hz": 20.0})).render(40)
+    _, ref, truth = make(40, seed=3, rate_hz=20.0)
     assert np.array_equal(np.stack([f.image for f in got]), ref)
     assert src.truth.to_dict() == truth.to_dict()
     assert src.stats.frames_read == 40
@@ -338,7 +340,8 @@ def test_truth_json_round_trip(tmp_path, seq):
     assert back.to_dict() == truth.to_dict()
     c = truth.cells[3]
     assert np.allclose(back.cell(c.cell_id).centroids, c.centroids, atol=1e-3)
-    assert back.visible(int(truth.frame_numbers[10])) == truth.visible(int(truth.frame_numbers[10]))
+    n10 = int(truth.frame_numbers[10])
+    assert back.visible(n10) == truth.visible(n10)
 
 
 def test_cli_writes_frames_and_truth(tmp_path, capsys):

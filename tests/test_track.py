@@ -446,3 +446,23 @@ def test_features_attached_to_clips(cfg):
     assert f["vel_in"] == pytest.approx(7.0, rel=0.05)
     assert f["vel_inlet"] < f["vel_in"]
     assert f["transit_ms"] == pytest.approx(260 / 7.0 / cfg.camera.fps * 1e3, rel=0.05)
+
+
+def test_fast_flow_needs_the_learned_flow(cfg):
+    """25 px/frame in the constriction (twice the gate) with 10 % missed detections: once the
+    first cells have taught the field, every later cell is tracked; the constant-velocity and
+    static models lose many (they cannot follow the acceleration into the constriction)."""
+    g = geometry()
+    covered = {}
+    for pred in ("flow", "velocity", "null"):
+        rng = np.random.default_rng(3)
+        cells = [entering(i, 45 * i, rng.uniform(30, 120)) for i in range(20)]
+        per_frame = simulate(g, cells, 1300, v_c=25.0, p_miss=0.1, jitter=0.8, rng=rng)
+        _, clips, _ = run_linker(cfg.replace(tracker={"predictor": pred}), g, per_frame)
+        owners, switches, per_cell = score(clips, cells)
+        assert switches == 0
+        covered[pred] = sum(1 for c, o in zip(clips, owners)
+                            if o is not None and o >= 5 and per_cell[o] == 1
+                            and c.status is TrackStatus.COMPLETE)
+    assert covered["flow"] == 15
+    assert covered["velocity"] <= 12 and covered["null"] <= 2

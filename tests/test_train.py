@@ -165,7 +165,7 @@ def test_checkpoint_round_trip_predicts_identically(tmp_path):
 
 
 def test_train_loss_falls_checkpoint_and_resume(tmp_path):
-    stores = make_stores(tmp_path / "stores")
+    stores = make_stores(tmp_path / "stores", clips=4)
     cfg = tiny_config(epochs=3)
     out = tmp_path / "run"
     s = train(stores, out, cfg, progress=False)

@@ -177,3 +177,16 @@ def test_decode_of_hostile_array_specs_raises_only_wire_error(kind, arrays):
         wire.decode([json.dumps(header).encode()] + [b"\0"] * len(arrays), max_bytes=MAX)
     except WireError:
         pass
+
+
+def test_encode_clip_refuses_lossy_conversions():
+    import dataclasses
+    clip = make_clip(1)
+    with pytest.raises(WireError, match="frames has dtype float64"):
+        wire.encode_clip(dataclasses.replace(clip, frames=clip.frames.astype(float)), run="r", seq=0)
+    with pytest.raises(WireError, match="frame_indices has dtype float64"):
+        wire.encode_clip(dataclasses.replace(clip, frame_indices=clip.frame_indices * 1.0),
+                         run="r", seq=0)
+    ok = wire.encode_clip(dataclasses.replace(clip, centroids=clip.centroids.astype(np.float64)),
+                          run="r", seq=0)
+    assert wire.decode(ok, max_bytes=MAX).arrays["centroids"].dtype == np.float32

@@ -369,6 +369,8 @@ class ClipDataset:
         ``engine.infer.preprocess``; exact for ``"uniform"`` sampling, where sampling T frames
         from T is the identity), so the cache holds T frames per clip instead of the passage.
         Not for multi-view evaluation.
+    max_per_donor : int
+        Keep at most this many clips of each donor (the first ones of its stores); 0: all.
     pick : {None, "constriction"}
         None: the whole clip. "constriction": the one frame in which the cell is nearest the
         middle of the constriction (the single-frame baseline's input; the constriction comes
@@ -378,7 +380,7 @@ class ClipDataset:
     def __init__(self, stores: Sequence[StoreInfo], meta: Mapping[str, Any], *,
                  augment: Augment | None = None, mask: bool = False, seed: int = 0,
                  cache: bool = True, min_frames: int = 1, pick: str | None = None,
-                 presample: bool = False):
+                 presample: bool = False, max_per_donor: int = 0):
         if pick not in (None, "constriction"):
             raise ValueError(f"pick {pick!r} must be None or 'constriction'")
         self.pick = pick
@@ -393,12 +395,16 @@ class ClipDataset:
         self._readers: dict[int, ClipStoreReader] = {}
         self._frames: dict[tuple[int, int], np.ndarray] = {}
         items, labels, donors, cells = [], [], [], []
+        per_donor: dict[str, int] = {}
         for si, s in enumerate(self.stores):
             r = self._reader(si)
             lens = r.n_frames
             ids = r.cell_ids
             for ci in range(len(r)):
+                if max_per_donor and per_donor.get(s.donor, 0) >= max_per_donor:
+                    break
                 if lens[ci] >= min_frames:
+                    per_donor[s.donor] = per_donor.get(s.donor, 0) + 1
                     items.append((si, ci))
                     labels.append(CLASSES.index(s.label) if s.label in CLASSES else -1)
                     donors.append(s.donor)

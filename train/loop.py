@@ -12,7 +12,8 @@ Files written into ``out``:
     Training state after the last finished epoch (model, optimiser, schedule, RNG); the next
     run with the same ``out`` resumes from it.
 ``best.pt``
-    The model of the epoch with the lowest validation balanced error (ties: lower loss), in the
+    The model of the epoch with the highest validation ROC AUC (ties: lower loss; the
+    threshold is set afterwards on validation, so a threshold-free criterion), in the
     model-checkpoint format of :mod:`export.checkpoints` for SlowFast (so ``fmh export`` takes
     it), with the decision threshold chosen on validation for the target fetal sensitivity and
     the validation figures.
@@ -58,7 +59,8 @@ class TrainConfig:
     ``weight_decay``, ``warmup_epochs``, ``lr_min`` (cosine floor, fraction of ``lr``),
     ``balance`` ("loss": class-weighted loss, "sampler": class-balanced sampling, "none").
     Data: ``fractions`` (train/val/test donors), ``augment``, ``mask_cell`` (channel-only
-    control), ``min_frames``. Decision: ``target_sensitivity`` (fetal sensitivity the
+    control), ``min_frames``, ``max_clips_per_donor`` (training clips kept per donor, the first
+    ones of each store; 0: all). Decision: ``target_sensitivity`` (fetal sensitivity the
     threshold is set for on validation). ``seed``, ``device``.
     """
 
@@ -85,6 +87,7 @@ class TrainConfig:
     augment: bool = True
     mask_cell: bool = False
     min_frames: int = 1
+    max_clips_per_donor: int = 0
     target_sensitivity: float = 0.9
     seed: int = 0
     device: str = "cpu"
@@ -336,7 +339,8 @@ def train(stores: Sequence[str | os.PathLike] | Sequence[StoreInfo], out: str | 
     pick = "constriction" if cfg.arch == "frame2d" else None
     aug = Augment() if cfg.augment else None
     train_ds = ClipDataset(split.stores_of("train"), meta, augment=aug, mask=cfg.mask_cell,
-                           seed=cfg.seed, min_frames=cfg.min_frames, pick=pick, presample=True)
+                           seed=cfg.seed, min_frames=cfg.min_frames, pick=pick, presample=True,
+                           max_per_donor=cfg.max_clips_per_donor)
     val_ds = ClipDataset(split.stores_of("val"), meta, mask=cfg.mask_cell,
                          min_frames=cfg.min_frames, pick=pick, presample=True)
     if len(train_ds) == 0 or len(val_ds) == 0:
@@ -432,7 +436,7 @@ def train(stores: Sequence[str | os.PathLike] | Sequence[StoreInfo], out: str | 
                   f"err {row['train_error']:.3f} | val loss {val_loss:.4f} "
                   f"bal.err {row['val_balanced_error']:.3f} AUC {m['auc']:.3f} "
                   f"({row['seconds']:.1f} s)", flush=True)
-        key = (_nan_big(row["val_balanced_error"]), _nan_big(val_loss))
+        key = (-_nan_small(m["auc"]), _nan_big(val_loss))
         if key < best_key:
             best_key = key
             thr = threshold_for_sensitivity(val_ds.labels, p_val, cfg.target_sensitivity)
@@ -459,6 +463,10 @@ def train(stores: Sequence[str | os.PathLike] | Sequence[StoreInfo], out: str | 
     train_ds.close()
     val_ds.close()
     return summary
+
+
+def _nan_small(v: float) -> float:
+    return float("-inf") if v is None or math.isnan(v) else float(v)
 
 
 def _nan_big(v: float) -> float:

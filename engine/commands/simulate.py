@@ -6,8 +6,9 @@ DESCRIPTION = """\
 Write a synthetic PolyNano chip sequence with ground truth.
 
 Frames are streamed to disk as they are made: a memory-mapped .npy (N, H, W) uint8, or a
-multipage TIFF (one page per frame) appended 128 pages at a time. The truth (per cell: class, entry/exit frames, per-frame
-centroid, box, area; per frame: the visible cells) goes to <stem>.truth.json beside it.
+multipage TIFF (one page per frame, appended 128 pages at a time). The truth (per cell: class,
+entry/exit frames, per-frame centroid, box, area; per frame: the visible cells) goes to
+<stem>.truth.json beside it (s.npy -> s.truth.json).
 
 examples:
   fmh simulate --frames 5000 --seed 1 --out s.npy
@@ -107,6 +108,7 @@ def run(args) -> int:
           + (f" ({c['gaps']} lost camera frames)" if c["gaps"] else ""))
     print(f"wrote {truth_path}: {c['cells']} cells ({c['fetal']} fetal, {c['maternal']} maternal, "
           f"{c['complete']} complete passages), seed {truth.seed}, donor {truth.donor}")
-    print(f"{total:.2f} s in all, frames in {t_frames:.2f} s = {n / max(t_frames, 1e-9):.0f} frames/s "
-          f"({n / max(t_frames, 1e-9) / cfg.camera.fps:.1f}x real time at {cfg.camera.fps:g} fps)")
+    rate = n / max(t_frames, 1e-9)
+    print(f"{total:.2f} s in all, frames in {t_frames:.2f} s = {rate:.0f} frames/s "
+          f"({rate / cfg.camera.fps:.1f}x real time at {cfg.camera.fps:g} fps)")
     return 0

@@ -52,6 +52,8 @@ def add_arguments(p) -> None:
     d.add_argument("--mask-cell", action="store_true",
                    help="blank the cell (channel-only confound control)")
     d.add_argument("--min-frames", type=int, default=1, help="skip shorter clips [%(default)s]")
+    d.add_argument("--max-clips-per-donor", type=int, default=0,
+                   help="training clips kept per donor (0: all) [%(default)s]")
     p.add_argument("--target-sensitivity", type=float, default=0.9,
                    help="fetal sensitivity the decision threshold is set for [%(default)s]")
     p.add_argument("--seed", type=int, default=0, help="[%(default)s]")
@@ -69,7 +71,8 @@ def config_from(args):
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, balance=args.balance,
         fractions=tuple(args.fractions), augment=not args.no_augment, mask_cell=args.mask_cell,
-        min_frames=args.min_frames, target_sensitivity=args.target_sensitivity,
+        min_frames=args.min_frames, max_clips_per_donor=args.max_clips_per_donor,
+        target_sensitivity=args.target_sensitivity,
         seed=args.seed, device=args.device)
 
 

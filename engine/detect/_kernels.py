@@ -524,21 +524,122 @@ def fill_holes(mask, stack):
 
 
 @njit(cache=True, nogil=True)
-def illumination_offset(img, bgi, sample_idx, hist):
-    """Median of ``img - bgi`` over the flat pixel indices ``sample_idx`` [grey levels, int].
+def runs_by_value(lab, runs, run_label, y0, x0):
+    """Runs of equal non-zero values of a label image (run_label = value - 1), offset by
+    (y0, x0); returns the count, -1 when ``runs`` is full."""
+    H, W = lab.shape
+    n = 0
+    cap = runs.shape[0]
+    for y in range(H):
+        x = 0
+        while x < W:
+            v = lab[y, x]
+            if v > 0:
+                s = x
+                while x < W and lab[y, x] == v:
+                    x += 1
+                if n >= cap:
+                    return -1
+                runs[n, 0] = y + y0
+                runs[n, 1] = s + x0
+                runs[n, 2] = x + x0
+                run_label[n] = v - 1
+                n += 1
+            else:
+                x += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def split_neck(lab, L, new, ratio):
+    """Cut label ``L`` of ``lab`` in two at its narrowest neck; the far part becomes ``new``.
+
+    Along x and along y, the blob's extent across each line (last - first pixel + 1,
+    which ignores holes) is a profile; the deepest minimum in the middle half of the blob,
+    relative to the smaller of the two maxima on either side, is the neck. When it is below
+    ``ratio`` the pixels beyond it are relabelled (touching cells in a row or a column).
+    Returns True when the blob was cut.
+    """
+    H, W = lab.shape
+    ext_x = np.zeros(W, np.int64)
+    ext_y = np.zeros(H, np.int64)
+    first_y = np.full(W, H, np.int64)
+    last_y = np.full(W, -1, np.int64)
+    first_x = np.full(H, W, np.int64)
+    last_x = np.full(H, -1, np.int64)
+    bx0, bx1, by0, by1 = W, -1, H, -1
+    for y in range(H):
+        for x in range(W):
+            if lab[y, x] == L:
+                if y < first_y[x]:
+                    first_y[x] = y
+                last_y[x] = y
+                if x < first_x[y]:
+                    first_x[y] = x
+                last_x[y] = x
+                bx0 = min(bx0, x)
+                bx1 = max(bx1, x)
+                by0 = min(by0, y)
+                by1 = max(by1, y)
+    for x in range(W):
+        ext_x[x] = last_y[x] - first_y[x] + 1 if last_y[x] >= 0 else 0
+    for y in range(H):
+        ext_y[y] = last_x[y] - first_x[y] + 1 if last_x[y] >= 0 else 0
+    best = ratio
+    axis = -1
+    cut = 0
+    for ax in range(2):
+        a0 = bx0 if ax == 0 else by0
+        a1 = bx1 if ax == 0 else by1
+        span = a1 - a0 + 1
+        if span < 8:
+            continue
+        prof = ext_x if ax == 0 else ext_y
+        lo_c = a0 + span // 4
+        hi_c = a1 - span // 4
+        # running maxima from the left and from the right: O(span)
+        lmax = np.zeros(span + 1, np.int64)
+        rmax = np.zeros(span + 1, np.int64)
+        for t in range(a0, a1 + 1):
+            lmax[t - a0 + 1] = max(lmax[t - a0], prof[t])
+        for t in range(a1, a0 - 1, -1):
+            rmax[t - a0] = max(rmax[t - a0 + 1], prof[t])
+        for c in range(lo_c, hi_c + 1):
+            left = lmax[c - a0]          # max over a0 .. c-1
+            right = rmax[c - a0 + 1]     # max over c+1 .. a1
+            m = min(left, right)
+            if m <= 0:
+                continue
+            r = prof[c] / m
+            if r < best:
+                best = r
+                axis = ax
+                cut = c
+    if axis < 0:
+        return False
+    for y in range(H):
+        for x in range(W):
+            if lab[y, x] == L and ((axis == 0 and x >= cut) or (axis == 1 and y >= cut)):
+                lab[y, x] = new
+    return True
+
+
+@njit(cache=True, nogil=True)
+def illumination_offset(img, bgi, step_y, step_x, hist):
+    """Median of ``img - bgi`` over a regular grid (every ``step_y``-th row, ``step_x``-th
+    column) [grey levels, int].
 
     ``bgi`` is the rounded background (int16). A 511-bin histogram gives the median without
     sorting; cells cover a minority of the samples, so they do not move it.
     """
     for i in range(511):
         hist[i] = 0
-    W = img.shape[1]
-    m = sample_idx.shape[0]
-    for i in range(m):
-        k = sample_idx[i]
-        y = k // W
-        x = k - y * W
-        hist[np.int32(img[y, x]) - np.int32(bgi[y, x]) + 255] += 1
+    H, W = img.shape
+    m = 0
+    for y in range(step_y // 2, H, step_y):
+        for x in range(step_x // 2, W, step_x):
+            hist[np.int32(img[y, x]) - np.int32(bgi[y, x]) + 255] += 1
+            m += 1
     half = (m + 1) // 2
     acc = 0
     for i in range(511):
@@ -549,8 +650,9 @@ def illumination_offset(img, bgi, sample_idx, hist):
 
 
 @njit(cache=True, nogil=True)
-def detect_frame(img, lo, hi, bg_s, kern, thr_dark, thr_bright, off, margin, min_seed, conn8,
-                 runs, run_label, chunk_any, stats, weights, holes):
+def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off, margin,
+                 min_seed, conn8, runs, run_label, chunk_any, stats, weights, holes, split_area,
+                 neck_ratio):
     """Find the blobs of one frame: seeds, regions of interest, smoothed threshold, labels.
 
     1. *Seeds*: runs of pixels far from the background (``img - off`` outside
@@ -561,10 +663,13 @@ def detect_frame(img, lo, hi, bg_s, kern, thr_dark, thr_bright, off, margin, min
        (binomial, sum ``K``), compared with the equally smoothed background ``bg_s``
        (int64, scaled by ``K*K``): with ``d = smooth(img) - off*K*K - bg_s``, foreground
        where ``d < -thr_dark`` or ``d > thr_bright`` (the low threshold scaled by ``K*K``;
-       a huge value switches a polarity off). Components are labelled, measured
+       a huge value switches a polarity off). Without smoothing (``len(kern) == 1``) the
+       low threshold is folded into the int16 bounds ``lo_w``/``hi_w`` instead. Components are labelled, measured
        (moments on the raw pixel grid, brightness from ``img``, perimeter) and kept when they
        contain at least one seed pixel (hysteresis). With ``holes``, holes in the mask
        (background pixels enclosed by foreground) are filled first, as dclab's masks are.
+       Components larger than ``split_area`` px (> 0) are cut at a narrow neck
+       (:func:`split_neck`): two touching cells.
 
     Returns the number of rows written to ``stats`` (raw sums, see ``S_*``); -1 when a
     buffer overflowed (the caller grows them and calls again).
@@ -644,34 +749,45 @@ def detect_frame(img, lo, hi, bg_s, kern, thr_dark, thr_bright, off, margin, min
         y1 = roi[q, 3]
         h = y1 - y0
         w = x1 - x0
-        # horizontal pass over the rows the vertical pass needs (clamped at the image edge)
-        hs = np.zeros((h + 2 * rad, w), np.int32)
-        prow = np.empty(w + 2 * rad, np.int32)
-        for yy in range(h + 2 * rad):
-            ys = min(max(y0 + yy - rad, 0), H - 1)
-            row = img[ys]
-            for xx in range(w + 2 * rad):
-                prow[xx] = row[min(max(x0 + xx - rad, 0), W - 1)]
-            hrow = hs[yy]
-            for t in range(nk):
-                kt = np.int32(kern[t])
-                for xx in range(w):
-                    hrow[xx] += kt * prow[xx + t]
         mask = np.zeros((h, w), np.uint8)
-        vacc = np.empty(w, np.int64)
-        for yy in range(h):
-            for xx in range(w):
-                vacc[xx] = -offs
-            for t in range(nk):
-                kt = np.int64(kern[t])
-                hrow = hs[yy + t]
+        if nk == 1:
+            # no smoothing: the low threshold is folded into lo_w/hi_w like the seeds'
+            for yy in range(h):
+                row = img[y0 + yy]
+                rl = lo_w[y0 + yy]
+                rh = hi_w[y0 + yy]
+                mrow = mask[yy]
                 for xx in range(w):
-                    vacc[xx] += kt * hrow[xx]
-            brow = bg_s[y0 + yy]
-            mrow = mask[yy]
-            for xx in range(w):
-                dv = vacc[xx] - brow[x0 + xx]
-                mrow[xx] = (dv > thr_bright) | (dv < -thr_dark)
+                    v = np.int16(row[x0 + xx]) - off
+                    mrow[xx] = (v < rl[x0 + xx]) | (v > rh[x0 + xx])
+        else:
+            # horizontal pass over the rows the vertical pass needs (clamped at the image edge)
+            hs = np.zeros((h + 2 * rad, w), np.int32)
+            prow = np.empty(w + 2 * rad, np.int32)
+            for yy in range(h + 2 * rad):
+                ys = min(max(y0 + yy - rad, 0), H - 1)
+                row = img[ys]
+                for xx in range(w + 2 * rad):
+                    prow[xx] = row[min(max(x0 + xx - rad, 0), W - 1)]
+                hrow = hs[yy]
+                for t in range(nk):
+                    kt = np.int32(kern[t])
+                    for xx in range(w):
+                        hrow[xx] += kt * prow[xx + t]
+            vacc = np.empty(w, np.int64)
+            for yy in range(h):
+                for xx in range(w):
+                    vacc[xx] = -offs
+                for t in range(nk):
+                    kt = np.int64(kern[t])
+                    hrow = hs[yy + t]
+                    for xx in range(w):
+                        vacc[xx] += kt * hrow[xx]
+                brow = bg_s[y0 + yy]
+                mrow = mask[yy]
+                for xx in range(w):
+                    dv = vacc[xx] - brow[x0 + xx]
+                    mrow[xx] = (dv > thr_bright) | (dv < -thr_dark)
         if holes:
             fill_holes(mask, np.empty(h * w, np.int64))
         # label the region
@@ -685,6 +801,38 @@ def detect_frame(img, lo, hi, bg_s, kern, thr_dark, thr_bright, off, margin, min
             runs[r, 1] += x0
             runs[r, 2] += x0
         kk = label_runs(runs, nrr, conn8, run_label)
+        lab = np.zeros((h, w), np.int32)
+        paint_labels(runs, nrr, run_label, lab, y0, x0)
+        if split_area > 0:
+            # area per label, then split the big ones at their narrowest neck
+            area = np.zeros(kk, np.int64)
+            for r in range(nrr):
+                area[run_label[r]] += runs[r, 2] - runs[r, 1]
+            cut = False
+            big = False
+            for L in range(kk):
+                big |= area[L] > split_area
+            for _ in range(4):                 # three touching cells need two cuts
+                if not big:
+                    break
+                big = False
+                k0 = kk
+                for L in range(k0):
+                    if area[L] > split_area:
+                        if split_neck(lab, L + 1, kk + 1, neck_ratio):
+                            kk += 1
+                            cut = True
+                            big = True
+                if big:
+                    area = np.zeros(kk, np.int64)
+                    for yy in range(h):
+                        for xx in range(w):
+                            if lab[yy, xx] > 0:
+                                area[lab[yy, xx] - 1] += 1
+            if cut:
+                nrr = runs_by_value(lab, runs, run_label, y0, x0)
+                if nrr < 0:
+                    return -1
         if nout + kk > cap:
             return -1
         accumulate_runs(runs, nrr, run_label, kk, img, True, stats, nout)
@@ -697,8 +845,6 @@ def detect_frame(img, lo, hi, bg_s, kern, thr_dark, thr_bright, off, margin, min
                 if v < lo[y, x] or v > hi[y, x]:
                     cnt += 1
             stats[nout + run_label[r], S_STRONG] += cnt
-        lab = np.zeros((h, w), np.int32)
-        paint_labels(runs, nrr, run_label, lab, y0, x0)
         perimeter_from_labels(lab, stats, nout, weights)
         # keep labels with seed pixels, compacting in place
         keep = nout
@@ -710,3 +856,98 @@ def detect_frame(img, lo, hi, bg_s, kern, thr_dark, thr_bright, off, margin, min
                 keep += 1
         nout = keep
     return nout
+
+
+@njit(cache=True, nogil=True)
+def finalize(stats, n, do_rejoin, max_gap, min_deform, min_area, rejoin_max_area, max_area, out):
+    """Re-join split parts (:func:`rejoin`), finish the statistics and keep the blobs with
+    ``min_area <= area <= max_area``, in one call. ``out`` must hold ``n`` rows.
+
+    Returns (kept, merged, too_small, too_large).
+    """
+    alive = np.ones(n, np.bool_)
+    merged = 0
+    if do_rejoin and n > 1:
+        merged = rejoin(stats, n, max_gap, min_deform, min_area, rejoin_max_area, alive)
+    kept = 0
+    small = 0
+    large = 0
+    for i in range(n):
+        if not alive[i]:
+            continue
+        a = stats[i, S_AREA]
+        if a < min_area:
+            small += 1
+            continue
+        if a > max_area:
+            large += 1
+            continue
+        if kept != i:
+            for c in range(NSTAT):
+                stats[kept, c] = stats[i, c]
+        kept += 1
+    finish_stats(stats, kept, out)
+    return kept, merged, small, large
+
+
+@njit(cache=True, nogil=True)
+def static_flags(cur, prev, pcount, sites, now, static_frames, count, flags):
+    """Which blobs are stuck debris (see ``FrontEnd._static``); fills ``count`` and
+    ``flags`` (n,) and returns the updated static sites (rows cx, cy, area, last frame)."""
+    n = cur.shape[0]
+    m = prev.shape[0]
+    for i in range(n):
+        count[i] = 1
+        best = 1e18
+        bj = -1
+        for j in range(m):
+            d = math.hypot(cur[i, 0] - prev[j, 0], cur[i, 1] - prev[j, 1])
+            if d < best:
+                best = d
+                bj = j
+        if bj >= 0 and best <= 1.0 and abs(cur[i, 2] / prev[bj, 2] - 1.0) <= 0.25:
+            count[i] = pcount[bj] + 1
+        flags[i] = count[i] >= static_frames
+    ns = sites.shape[0]
+    for i in range(n):
+        best = 1e18
+        bj = -1
+        for j in range(ns):
+            d = math.hypot(cur[i, 0] - sites[j, 0], cur[i, 1] - sites[j, 1])
+            if d < best:
+                best = d
+                bj = j
+        if bj >= 0 and best <= 1.5 and abs(cur[i, 2] / sites[bj, 2] - 1.0) <= 0.25:
+            sites[bj, 3] = now
+            flags[i] = True
+    nnew = 0
+    for i in range(n):
+        if count[i] == static_frames:
+            nnew += 1
+    keep = 0
+    for j in range(ns):
+        if now - sites[j, 3] <= 50 * static_frames:
+            keep += 1
+    total = min(keep + nnew, 64)
+    out = np.empty((total, 4), np.float64)
+    k = 0
+    skip = keep + nnew - total         # oldest first out
+    for j in range(ns):
+        if now - sites[j, 3] <= 50 * static_frames:
+            if skip > 0:
+                skip -= 1
+                continue
+            for c in range(4):
+                out[k, c] = sites[j, c]
+            k += 1
+    for i in range(n):
+        if count[i] == static_frames:
+            if skip > 0:
+                skip -= 1
+                continue
+            out[k, 0] = cur[i, 0]
+            out[k, 1] = cur[i, 1]
+            out[k, 2] = cur[i, 2]
+            out[k, 3] = now
+            k += 1
+    return out

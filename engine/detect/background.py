@@ -9,12 +9,13 @@ Policy (recorded in :meth:`Background.manifest`)
   in which a blob covered it (``"median-masked-pixels"``). The number of samples with cells
   that had to be used is the warning count (``prime_frames_with_cells``), as Shape-In
   records "bg empty" (pitfalls.md §18).
-* **Drift** (illumination, focus): every ``stride = max(1, bg_update_frames // bg_frames)``
-  frames, :meth:`Background.observe` folds the frame into a running mean with weight
-  ``1 / bg_frames``, leaving out every pixel inside a blob's box grown by a margin; every
-  ``bg_update_frames`` frames that running mean becomes the active background. Folding costs
-  one pass over a frame every ``stride`` frames (amortised well under 1 µs per frame); no
-  median is recomputed on the hot path.
+* **Drift** (illumination, focus): every ``stride = bg_update_frames // 16`` frames,
+  :meth:`Background.observe` folds the frame into a running mean with weight
+  ``stride / bg_update_frames`` (time constant ``bg_update_frames`` frames), leaving out every
+  pixel inside a moving blob's box grown by a margin; every ``bg_update_frames // 4`` frames
+  that running mean becomes the active background (tables rebuilt). Folding costs one pass
+  over a frame every ``stride`` frames, the rebuild a few passes every ``bg_update_frames // 4``
+  (together about 2 µs per frame amortised); no median is recomputed on the hot path.
 * A recorded background (RT-DC ``image_bg``, a user image) replaces the median
   (policy ``"given"``); it is kept current the same way unless ``bg_update_frames == 0``.
 
@@ -91,6 +92,8 @@ class Background:
         The background.
     seed_threshold : float
         High threshold folded into ``lo``/``hi`` [grey levels].
+    threshold : float
+        Low threshold folded into ``lo_w``/``hi_w`` (used when frames are not smoothed).
     kernel : ndarray of int64
         Integer smoothing kernel (``gaussian_kernel_int``) applied to frames and background.
     policy : str
@@ -101,7 +104,7 @@ class Background:
     """
 
     def __init__(self, image: np.ndarray, seed_threshold: float, kernel: np.ndarray,
-                 policy: str = "given", polarity: str = "both"):
+                 policy: str = "given", polarity: str = "both", threshold: float = 6.0):
         image = np.asarray(image)
         if image.ndim != 2 or image.size == 0:
             raise DetectError(f"background must be a non-empty 2-D image, got shape {image.shape}")
@@ -111,6 +114,7 @@ class Background:
         self.seed_threshold = float(seed_threshold)
         self.policy = policy
         self.polarity = polarity
+        self.threshold = float(threshold)
         self.image = np.ascontiguousarray(image, np.float32)
         self.prime_frames = 0
         self.prime_frames_with_cells = 0
@@ -129,10 +133,14 @@ class Background:
         t = self.seed_threshold
         self.lo = np.ceil(b - t).astype(np.int16)
         self.hi = np.floor(b + t).astype(np.int16)
+        self.lo_w = np.ceil(b - self.threshold).astype(np.int16)     # the low threshold
+        self.hi_w = np.floor(b + self.threshold).astype(np.int16)
         if self.polarity == "dark":          # nothing is brighter than 32767
             self.hi[:] = np.iinfo(np.int16).max
+            self.hi_w[:] = np.iinfo(np.int16).max
         elif self.polarity == "bright":
             self.lo[:] = np.iinfo(np.int16).min
+            self.lo_w[:] = np.iinfo(np.int16).min
         self.rounded = np.rint(b).astype(np.int16)
         k = self.kernel.astype(np.float64)
         sm = cv2.sepFilter2D(b, cv2.CV_64F, k, k, borderType=cv2.BORDER_REPLICATE)

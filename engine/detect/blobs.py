@@ -15,7 +15,6 @@ tools, the benchmark):
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from ..errors import DetectError
 from ..types import Blob
@@ -111,30 +110,8 @@ def measure(labels: np.ndarray, n: int | None = None, image: np.ndarray | None =
 def _label_image_runs(labels: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
     runs = np.empty((labels.size + 1, 3), np.int64)
     run_label = np.empty(labels.size + 1, np.int64)
-    nr = _runs_by_value(labels, runs, run_label)
+    nr = K.runs_by_value(labels, runs, run_label, 0, 0)
     return runs, nr, run_label
-
-
-@njit(cache=True, nogil=True)
-def _runs_by_value(labels, runs, run_label):
-    H, W = labels.shape
-    n = 0
-    for y in range(H):
-        x = 0
-        while x < W:
-            v = labels[y, x]
-            if v > 0:
-                s = x
-                while x < W and labels[y, x] == v:
-                    x += 1
-                runs[n, 0] = y
-                runs[n, 1] = s
-                runs[n, 2] = x
-                run_label[n] = v - 1
-                n += 1
-            else:
-                x += 1
-    return n
 
 
 def to_blobs(fin: np.ndarray, frame_index: int) -> list[Blob]:

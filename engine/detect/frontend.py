@@ -2,12 +2,12 @@
 
 Per frame (:meth:`FrontEnd.process`)
 -----------------------------------
-1. Illumination offset: the median of ``frame - background`` over 1024 fixed pixels
+1. Illumination offset: the median of ``frame - background`` over about 1000 pixels on a grid
    (histogram, no sort) is subtracted, so frame-wide flicker does not reach the threshold.
 2. One fused Numba pass (:func:`engine.detect._kernels.detect_frame`): *seeds* are the pixels
    farther than the seed threshold from the background (raw frame, per-pixel int16 bounds);
    around each seed blob a region is smoothed with the integer Gaussian kernel of
-   ``smooth_sigma`` and thresholded at ``threshold`` against the background smoothed alike;
+   ``smooth_sigma`` and thresholded at ``fg_threshold`` against the background smoothed alike;
    components are labelled (8-connectivity, runs + union-find) and measured in the same
    pass; components without seed pixels are dropped (hysteresis).
 3. Split cells are re-joined (report §3.6.1; :func:`engine.detect._kernels.rejoin`), blobs
@@ -15,8 +15,9 @@ Per frame (:meth:`FrontEnd.process`)
 4. Blobs that have not moved (<= 1 px) for ``static_frames`` frames are debris stuck to the
    chip, not cells in the flow: they are dropped (counted) and not masked from the background
    update, so they fade into it.
-5. Every ``stride`` frames the frame is folded into the background outside the moving blobs'
-   boxes (:mod:`engine.detect.background`).
+5. Every ``stride = bg_update_frames / 16`` frames the frame is folded into a running mean
+   outside the moving blobs' boxes (time constant ``bg_update_frames``), which becomes the
+   active background every ``bg_update_frames / 4`` frames (:mod:`engine.detect.background`).
 
 Only the regions around seeds are smoothed, so the cost is one pass over the frame plus work
 proportional to the cells in view.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -80,11 +82,12 @@ class FrontEnd:
         self._stats = np.empty((256, K.NSTAT), np.float64)
         self._chunk = np.empty(1, np.uint8)
         self._hist = np.empty(511, np.int64)
-        self._sample_idx = np.empty(0, np.int64)
+        self._step = (8, 16)
         self._since_commit = 0
         self._prev = (np.zeros((0, 3)), np.zeros(0, np.int64))
         self._sites = np.zeros((0, 4))            # static debris: cx, cy, area, last frame
         self._areas = np.zeros(0)                 # recent blob areas (typical cell size)
+        self._typical = 0.0
         if background is not None:
             self.set_background(background, policy="given")
 
@@ -94,7 +97,7 @@ class FrontEnd:
         if f.seed_threshold > 0:
             return float(f.seed_threshold)
         sd = noise_sd if math.isfinite(noise_sd) else 1.5
-        return max(2.0 * f.threshold, 4.5 * sd, 3.0)
+        return max(2.0 * f.fg_threshold, 4.5 * sd, 3.0)
 
     def set_background(self, image: np.ndarray, policy: str = "given",
                        noise_sd: float = float("nan")) -> None:
@@ -106,7 +109,7 @@ class FrontEnd:
             raise DetectError(f"background shape {image.shape} differs from the current "
                               f"{self.bg.shape}")
         bg = Background(image, self._seed_threshold(noise_sd), self.kernel, policy,
-                        polarity=self._f.polarity)
+                        polarity=self._f.polarity, threshold=self._f.fg_threshold)
         bg.noise_sd = noise_sd
         if self.bg is not None:
             bg.prime_frames = self.bg.prime_frames
@@ -114,9 +117,9 @@ class FrontEnd:
         self.bg = bg
         H, W = image.shape
         self._chunk = np.empty((W + 31) // 32, np.uint8)
-        rng = np.random.default_rng(12345)
-        self._sample_idx = np.sort(rng.choice(H * W, size=min(1024, H * W), replace=False)
-                                   ).astype(np.int64)
+        # about 1000 samples on a regular grid for the illumination offset
+        sy = max(1, int(round(math.sqrt(H * W / 1000.0) / 1.4)))
+        self._step = (sy, max(1, int(round(H * W / 1000.0 / sy))))
         self._since_commit = 0
         if self._geometry_given is None:
             self._geometry = None      # found again lazily from the new background
@@ -155,7 +158,9 @@ class FrontEnd:
             for k, bx in enumerate(boxes):
                 for (x0, y0, x1, y1) in bx:
                     stack[k, max(y0 - m, 0):y1 + m, max(x0 - m, 0):x1 + m] = np.nan
-            bg = np.nanmedian(stack, axis=0)
+            with warnings.catch_warnings():          # pixels covered in every sample
+                warnings.simplefilter("ignore", RuntimeWarning)
+                bg = np.nanmedian(stack, axis=0)
             bg = np.where(np.isnan(bg), bg0, bg).astype(np.float32)
             policy, warn = "median-masked-pixels", n_cells
         sd = robust_noise_sd(free if free else sample, bg)
@@ -214,15 +219,15 @@ class FrontEnd:
         static = self._static(blobs) if f.static_frames > 0 else None
         if f.bg_update_frames > 0:
             t0 = time.perf_counter()
-            stride = max(1, f.bg_update_frames // f.bg_frames)
+            stride = max(1, f.bg_update_frames // 16)
             n = self.stats["frames"]
             if n % stride == 0:
                 # moving blobs are masked out; static ones (stuck debris) may fade in
                 moving = blobs if static is None else [b for b, st in zip(blobs, static) if not st]
                 boxes = np.array([b.bbox for b in moving], np.int64).reshape(-1, 4)
-                self.bg.observe(image, boxes, 1.0 / f.bg_frames, f.roi_margin)
+                self.bg.observe(image, boxes, stride / f.bg_update_frames, f.roi_margin)
             self._since_commit += 1
-            if self._since_commit >= f.bg_update_frames:
+            if self._since_commit >= max(stride, f.bg_update_frames // 4):
                 self.bg.commit()
                 self._since_commit = 0
             self.stats["us_background"] += (time.perf_counter() - t0) * 1e6
@@ -243,71 +248,52 @@ class FrontEnd:
         """
         n = len(blobs)
         now = self.stats["frames"]
-        cur = np.array([(b.cx, b.cy, b.area) for b in blobs], np.float64).reshape(n, 3)
-        count = np.ones(n, np.int64)
+        if n == 0:
+            self._prev = (np.zeros((0, 3)), np.zeros(0, np.int64))
+            return np.zeros(0, np.bool_)
+        cur = np.array([(b.cx, b.cy, b.area) for b in blobs], np.float64)
+        count = np.empty(n, np.int64)
+        flags = np.empty(n, np.bool_)
         prev, pcount = self._prev
-        if n and prev.shape[0]:
-            d = np.hypot(cur[:, None, 0] - prev[None, :, 0], cur[:, None, 1] - prev[None, :, 1])
-            j = np.argmin(d, axis=1)
-            ok = (d[np.arange(n), j] <= 1.0) & (np.abs(cur[:, 2] / prev[j, 2] - 1.0) <= 0.25)
-            count[ok] = pcount[j[ok]] + 1
+        self._sites = K.static_flags(cur, prev, pcount, self._sites, float(now),
+                                     self._f.static_frames, count, flags)
         self._prev = (cur, count)
-        flag = count >= self._f.static_frames
-        sites = self._sites
-        if n and sites.shape[0]:
-            d = np.hypot(cur[:, None, 0] - sites[None, :, 0], cur[:, None, 1] - sites[None, :, 1])
-            j = np.argmin(d, axis=1)
-            at = (d[np.arange(n), j] <= 1.5) & (np.abs(cur[:, 2] / sites[j, 2] - 1.0) <= 0.25)
-            sites[j[at], 3] = now
-            flag |= at
-        new = flag & (count == self._f.static_frames)
-        if new.any():
-            add = np.c_[cur[new], np.full(int(new.sum()), now)]
-            sites = np.vstack([sites, add])
-        if sites.shape[0]:
-            sites = sites[now - sites[:, 3] <= 50 * self._f.static_frames][-64:]
-        self._sites = sites
-        return flag
+        return flags
 
     def _detect(self, image: np.ndarray, index: int) -> list[Blob]:
         f = self._f
         bg = self.bg
         t0 = time.perf_counter()
-        off = K.illumination_offset(image, bg.rounded, self._sample_idx, self._hist) \
-            if f.illumination else 0
-        thr_s = int(math.floor(f.threshold * bg.kernel_sum * bg.kernel_sum))
+        off = K.illumination_offset(image, bg.rounded, self._step[0], self._step[1],
+                                    self._hist) if f.illumination else 0
+        thr_s = int(math.floor(f.fg_threshold * bg.kernel_sum * bg.kernel_sum))
         thr_dark = thr_s if f.polarity != "bright" else _OFF
         thr_bright = thr_s if f.polarity != "dark" else _OFF
         margin = f.roi_margin + len(self.kernel) // 2
         while True:
-            n = K.detect_frame(image, bg.lo, bg.hi, bg.smooth_scaled, self.kernel, thr_dark, thr_bright,
-                               np.int16(off), margin, f.seed_min_px, True, self._runs,
+            n = K.detect_frame(image, bg.lo, bg.hi, bg.lo_w, bg.hi_w, bg.smooth_scaled,
+                               self.kernel, thr_dark, thr_bright, np.int16(off), margin, f.seed_min_px, True, self._runs,
                                self._run_label, self._chunk, self._stats, K.PERIM_WEIGHTS,
-                               f.fill_holes)
+                               f.fill_holes, self._split_area(), f.split_neck_ratio)
             if n >= 0:
                 break
             self._grow()
         t1 = time.perf_counter()
-        st = self._stats
-        if f.rejoin and n > 1:
-            alive = np.ones(n, np.bool_)
-            merged = K.rejoin(st, n, f.rejoin_max_gap, f.rejoin_min_deform, f.min_area,
-                              self._rejoin_cap(), alive)
-            if merged:
-                st = st[:n][alive]
-                n = st.shape[0]
-                self.stats["rejoined"] += merged
+        if n == 0:
+            self.stats["us_detect"] += (t1 - t0) * 1e6
+            return []
         fin = np.empty((n, K.NFIN), np.float64)
-        K.finish_stats(st, n, fin)
-        area = fin[:, K.F_AREA]
-        small = area < f.min_area
-        large = area > f.max_area
-        if small.any() or large.any():
-            self.stats["dropped_small"] += int(small.sum())
-            self.stats["dropped_large"] += int(large.sum())
-            fin = fin[~(small | large)]
+        kept, merged, small, large = K.finalize(
+            self._stats, n, f.rejoin, f.rejoin_max_gap, f.rejoin_min_deform, f.min_area,
+            self._rejoin_cap(), f.max_area, fin)
+        fin = fin[:kept]
+        if merged or small or large:
+            self.stats["rejoined"] += merged
+            self.stats["dropped_small"] += small
+            self.stats["dropped_large"] += large
         if fin.shape[0] and (self._areas.size < 64 or index % 16 == 0):
             self._areas = np.r_[self._areas, fin[:, K.F_AREA]][-256:]
+            self._typical = float(np.median(self._areas))
         t2 = time.perf_counter()
         blobs = to_blobs(fin, index)
         t3 = time.perf_counter()
@@ -321,7 +307,15 @@ class FrontEnd:
         blobs (whole cells), so two neighbouring cells are never joined into one."""
         if self._areas.size < 16:
             return float(self._f.max_area)
-        return min(1.3 * float(np.median(self._areas)), float(self._f.max_area))
+        return min(1.3 * self._typical, float(self._f.max_area))
+
+    def _split_area(self) -> int:
+        """Blobs larger than this [px²] are checked for a neck (two touching cells):
+        ``split_area_factor`` x the median area of recent blobs; 0 (off) until 16 blobs
+        were seen or when the factor is 0."""
+        if self._f.split_area_factor <= 0 or self._areas.size < 16:
+            return 0
+        return int(self._f.split_area_factor * self._typical)
 
     def _grow(self) -> None:
         self._runs = np.empty((self._runs.shape[0] * 4, 3), np.int64)
@@ -330,6 +324,14 @@ class FrontEnd:
         self.stats["buffer_grows"] += 1
 
     # -- reporting --------------------------------------------------------------------------
+    @property
+    def background_info(self) -> dict:
+        """Background policy and warning counts, and where the geometry came from (manifest)."""
+        info = {} if self.bg is None else self.bg.manifest()
+        info["geometry_note"] = self.geometry_note if self._geometry is not None else ""
+        info["static_sites"] = int(self._sites.shape[0])
+        return info
+
     def manifest(self) -> dict:
         """Background policy and counters, geometry and its origin, per-stage mean µs."""
         n = max(self.stats["frames"], 1)

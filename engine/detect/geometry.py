@@ -2,8 +2,9 @@
 
 Method
 ------
-1. Levels: ``dark`` = 2nd percentile, ``open`` = median of the (lightly smoothed) image; a
-   pixel is *open* when brighter than their midpoint. When ``open - dark`` is below
+1. Levels: Otsu's threshold splits the (lightly smoothed) image into walls and channel;
+   ``dark``/``open`` are the medians of the two classes and a pixel is *open* when brighter
+   than their midpoint. When ``open - dark`` is below
    ``min_contrast`` grey levels there is no channel to see.
 2. Per column, the open run that contains the channel axis (the median centre of each
    column's longest open run) gives the open width ``w(x)`` and centre ``c(x)``.
@@ -74,8 +75,12 @@ def find_geometry(background: np.ndarray, fallback: ChipGeometry | None = None, 
         raise DetectError(f"background must be a 2-D image of at least 8x8 px, got shape {b.shape}")
     H, W = b.shape
     img = cv2.GaussianBlur(np.asarray(b, np.float32), (0, 0), 1.0)
-    dark = float(np.percentile(img, 2))
-    bright = float(np.median(img))
+    u8 = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    level, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    lo_cls = img[img <= level]
+    hi_cls = img[img > level]
+    dark = float(np.median(lo_cls)) if lo_cls.size else float(level)
+    bright = float(np.median(hi_cls)) if hi_cls.size else float(level)
     if bright - dark < min_contrast:
         return _fallback(fallback, f"no channel walls in the background (contrast "
                          f"{bright - dark:.1f} < {min_contrast} grey levels)")

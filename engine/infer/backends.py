@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -340,8 +340,9 @@ class TensorRTBackend(_Base):
         self.model_path = str(artefact.path)
         self.spec = input_spec(artefact.meta)
         gpu = dev.name()
+        cc = "%d.%d" % dev.compute_capability()
         path = Path(self.engine_path) if self.engine_path else find_engine(
-            artefact, trt.__version__, gpu, self.precision)
+            artefact, trt.__version__, gpu, self.precision, compute_capability=cc)
         if path is None or not path.exists():
             raise ModelError(f"no TensorRT engine for {artefact.path} (sha256 "
                              f"{artefact.sha256[:12]}, TensorRT {trt.__version__}, {gpu}, "
@@ -403,41 +404,52 @@ def engine_cache_dir() -> Path:
     return Path(os.environ.get("FMH_TRT_CACHE", Path.home() / ".cache" / "fmh" / "trt"))
 
 
-def find_engine(artefact: Any, trt_version: str, gpu: str, precision: str) -> Path | None:
+def find_engine(artefact: Any, trt_version: str, gpu: str, precision: str, *,
+                compute_capability: str | None = None) -> Path | None:
     """Locate the cached engine for an artefact, TensorRT version, GPU and precision.
 
-    Uses ``export.to_trt`` when it is importable (it owns the cache key); otherwise scans the
-    cache for a plan whose JSON sidecar names the same ONNX SHA-256, TensorRT version, GPU and
-    precision, so that the runtime needs no torch-side package.
+    Reads the engine cache of ``export/to_trt.py`` without importing it (the runtime needs no
+    torch-side package): each plan has a JSON sidecar whose ``key`` names the ONNX SHA-256,
+    TensorRT version, GPU, compute capability, precision, batch profile and input shape, and
+    whose ``plan_sha256`` is the plan's own digest. Only a plan whose key matches all of
+    them, and whose bytes match the digest, is returned (the one with the largest batch
+    profile); a stale, foreign or corrupt engine is never picked.
     """
-    try:
-        from export import to_trt  # type: ignore
-    except Exception:
-        to_trt = None
-    for fname in ("engine_path", "cached_engine_path", "cache_path"):
-        fn = getattr(to_trt, fname, None) if to_trt is not None else None
-        if callable(fn):
-            try:
-                p = Path(fn(artefact.path, precision=precision))
-                return p if p.exists() else None
-            except TypeError:
-                continue
     cache = engine_cache_dir()
     if not cache.is_dir():
         return None
+    want_shape = None
+    spec = meta_value(artefact.meta, "input", None)
+    if isinstance(spec, Mapping):
+        want_shape = [spec.get("channels"), spec.get("frames"), spec.get("height"),
+                      spec.get("width")]
+    best: tuple[int, Path] | None = None
     for side in sorted(cache.glob("*.json")):
         try:
             info = json.loads(side.read_text())
-        except (OSError, ValueError):
+            key = info.get("key", info)
+        except (OSError, ValueError, AttributeError):
             continue
-        sha = info.get("onnx_sha256") or info.get("sha256")
-        if (sha == artefact.sha256 and str(info.get("tensorrt", info.get("trt_version"))) == trt_version
-                and info.get("gpu") == gpu and info.get("precision", precision) == precision):
-            for ext in (".plan", ".engine"):
-                plan = side.with_suffix(ext)
-                if plan.exists():
-                    return plan
-    return None
+        if not isinstance(key, dict):
+            continue
+        if (key.get("onnx_sha256") != artefact.sha256 or str(key.get("tensorrt")) != trt_version
+                or key.get("gpu") != gpu or key.get("precision") != precision):
+            continue
+        if compute_capability and key.get("compute_capability") not in (None, compute_capability):
+            continue
+        if want_shape and key.get("input_shape") not in (None, want_shape):
+            continue
+        plan = side.with_suffix(".plan")
+        if not plan.is_file():
+            continue
+        digest = info.get("plan_sha256")
+        if digest and file_sha256(plan) != digest:
+            log.warning("engine %s does not match its recorded sha256; not used", plan)
+            continue
+        mb = int(key.get("max_batch", 1)) if isinstance(key.get("max_batch", 1), int) else 1
+        if best is None or mb > best[0]:
+            best = (mb, plan)
+    return best[1] if best else None
 
 
 class TorchBackend(_Base):

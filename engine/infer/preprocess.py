@@ -181,7 +181,7 @@ def fit_canvas(frames: np.ndarray, height: int, width: int, *, crop: str = "fixe
                         mode="edge")
         t, h, w = frames.shape
     y = (h - height) // 2
-    x = int(round(x_frac * (w - width)))
+    x = int(np.floor(x_frac * (w - width)))       # 0.5 -> (w - width) // 2, like y
     return frames[:, y:y + height, x:x + width]
 
 

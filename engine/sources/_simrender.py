@@ -313,9 +313,10 @@ def compose(base, gain, noise, noff, nscale, cells, n, debris, nd, prof, reach,
                 xr2 = xr * xr
                 yr2 = yr * yr
                 r2 = xr2 * f_ia2 + yr2 * f_ib2
-                rho = math.sqrt(r2) + np.float32(1e-6)
-                gg = math.sqrt(xr2 * f_ia4 + yr2 * f_ib4) + np.float32(1e-9)
-                jj = min(max(int((r2 - rho) / gg * f_res + f_off), 0), nprof - 1)
+                # Signed distance to the outline [px], to first order: f / |grad f| with
+                # f = r2 - 1 (exact on the outline, close within the drawn band).
+                gg = np.float32(2.0) * math.sqrt(xr2 * f_ia4 + yr2 * f_ib4) + np.float32(1e-9)
+                jj = min(max(int((r2 - one) / gg * f_res + f_off), 0), nprof - 1)
                 t = min(max((abs(yr) * f_ib - np.float32(0.3)) * np.float32(1.0 / 0.3), zero), one)
                 m = one - f_fsp * (one - t * t * (np.float32(3.0) - np.float32(2.0) * t))
                 delta = f_cen * p0[jj] + m * (f_rim * p1[jj] + f_halo * p2[jj])

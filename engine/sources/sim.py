@@ -289,6 +289,9 @@ class SyntheticChip:
         self.cfg = cfg
         s = cfg.sim
         self.sim = s
+        if s.gap_rate >= 1.0:
+            raise ConfigError(f"{cfg.source}: sim.gap_rate={s.gap_rate!r} would lose every frame "
+                              "(must be < 1)")
         self.height, self.width = int(cfg.camera.height), int(cfg.camera.width)
         self.fps = float(cfg.camera.fps)
         self.seed, self.donor = int(s.seed), int(s.donor)
@@ -306,8 +309,8 @@ class SyntheticChip:
         self._cells_rng = _rng(self.seed, self.donor, _TAG_CELLS)
         self._gaps_rng = _rng(self.seed, self.donor, _TAG_GAPS)
         self._noise_rng = _rng(self.seed, self.donor, _TAG_NOISE)
-        z = _rng(self.seed, self.donor, _TAG_NOISE + 100).standard_normal(_NOISE_BANK,
-                                                                           dtype=np.float32)
+        bank = max(_NOISE_BANK, 8 * H * W)
+        z = _rng(self.seed, self.donor, _TAG_NOISE + 100).standard_normal(bank, dtype=np.float32)
         self._noise = np.clip(np.rint(z * _NOISE_Q), -127, 127).astype(np.int8)
         self._flicker = (_rng(self.seed, self.donor, _TAG_FLICKER)
                          .standard_normal(_FLICKER_BANK))
@@ -361,15 +364,16 @@ class SyntheticChip:
         look = s.donor_look if self.donor > 0 else 0.0
         r = _rng(self.donor, _TAG_LOOK)
         z = r.standard_normal(12) * look
-        chw = base.constriction_halfwidth * (1.0 + 0.04 * z[0])
+        chw = max(base.constriction_halfwidth * (1.0 + 0.04 * z[0]), 1.0)
+        x0 = base.constriction_x0 + 6.0 * z[2]
         self.geometry = ChipGeometry(
             width=self.width, height=self.height,
             axis_y=float(base.axis_y + 2.0 * z[1]),
-            constriction_x0=float(base.constriction_x0 + 6.0 * z[2]),
-            constriction_x1=float(base.constriction_x1 + 6.0 * z[2] + 3.0 * z[3]),
+            constriction_x0=float(x0),
+            constriction_x1=float(max(base.constriction_x1 + 6.0 * z[2] + 3.0 * z[3], x0 + 1.0)),
             constriction_halfwidth=float(chw),
-            inlet_halfwidth=float(base.inlet_halfwidth + 2.0 * z[4]),
-            outlet_halfwidth=float(base.outlet_halfwidth + 2.0 * z[5]),
+            inlet_halfwidth=float(max(base.inlet_halfwidth + 2.0 * z[4], chw)),
+            outlet_halfwidth=float(max(base.outlet_halfwidth + 2.0 * z[5], chw)),
             source="sim")
         self._funnel = float(max(c.funnel_length * (1.0 + 0.05 * z[6]), 1.0))
         self._flare = float(max(c.flare_length * (1.0 + 0.05 * z[7]), 1.0))
@@ -377,7 +381,6 @@ class SyntheticChip:
         self._wall_level = float(np.clip(s.wall_level + 12.0 * z[9], 0.0, 250.0))
         self._grad = (0.04 + 0.05 * z[10], 0.02 + 0.04 * z[11])
         self._edge_dark = 25.0 * (1.0 + 0.2 * z[9])
-        g = self.geometry
         xs = np.arange(-_LUT_MARGIN, self.width + _LUT_MARGIN, dtype=np.float64)
         self._lut = self.halfwidth(xs)
 
@@ -439,7 +442,8 @@ class SyntheticChip:
         sigma = min(max(sigma, _FOCUS_LEVELS[0]), _FOCUS_LEVELS[-1])
         k = int(round((sigma - _FOCUS_LEVELS[0]) / (_FOCUS_LEVELS[1] - _FOCUS_LEVELS[0])))
         sigma = float(_FOCUS_LEVELS[k])
-        slow = 1.0 + s.drift * (0.02 * math.sin(w / P[0] + ph[0]) + 0.01 * math.sin(w / P[1] + ph[1]))
+        slow = 1.0 + s.drift * (0.02 * math.sin(w / P[0] + ph[0])
+                                + 0.01 * math.sin(w / P[1] + ph[1]))
         flick = 1.0 + s.flicker_sd / self._bg_level * self._flicker[number % _FLICKER_BANK]
         ws = round(math.sqrt(0.49 + sigma * sigma) * 50.0) / 50.0   # cached to 0.02 px
         return k, slow * flick, ws
@@ -449,7 +453,9 @@ class SyntheticChip:
 
     # -- cells --------------------------------------------------------------------------------
     def _draw_interval(self) -> float:
-        return float(self._cells_rng.exponential(self._mean_gap)) if math.isfinite(self._mean_gap) else math.inf
+        if not math.isfinite(self._mean_gap):
+            return math.inf
+        return float(self._cells_rng.exponential(self._mean_gap))
 
     def _spawn(self, number: int) -> None:
         s = self.sim
@@ -463,7 +469,8 @@ class SyntheticChip:
         r = 0.5 * diam
         dtgt = float(np.clip((s.deform_fetal if fetal else s.deform_maternal)
                              + s.deform_sd * z[1], 0.02, 0.85))
-        tau = (s.relax_frames_fetal if fetal else s.relax_frames_maternal) * math.exp(s.relax_sd * z[2])
+        tau = ((s.relax_frames_fetal if fetal else s.relax_frames_maternal)
+               * math.exp(s.relax_sd * z[2]))
         speed = float(np.clip(1.0 + 0.05 * z[3], 0.85, 1.15))
         split = bool(u[5] < s.split_fraction)
         # Grey levels (at a background of 150): a dark rim, a centre lighter than the rim but
@@ -535,12 +542,13 @@ class SyntheticChip:
         return number
 
     # -- frames -------------------------------------------------------------------------------
-    def _render(self, number: int, out: np.ndarray, cells: bool = True, noise: bool = True) -> None:
+    def _render(self, number: int, out: np.ndarray, cells: bool = True,
+                noise: bool = True) -> None:
         k, gain, ws = self._optics(number)
         n = self._n if cells else 0
         st = self._st if cells else self._no_cells
         nscale = float(self.sim.noise_sd) / _NOISE_Q if noise else 0.0
-        noff = int(self._noise_rng.integers(0, _NOISE_BANK - out.size)) if noise else 0
+        noff = int(self._noise_rng.integers(0, self._noise.size - out.size)) if noise else 0
         deb = self._debris_at(number)
         if ws != self._prof_ws:
             K.cell_profiles(ws, self._prof)
@@ -568,8 +576,10 @@ class SyntheticChip:
         """
         H, W = self.height, self.width
         if out is not None:
-            if n is None or out.shape[0] < n or out.shape[1:] != (H, W) or out.dtype != np.uint8:
-                raise ValueError(f"out must be uint8 ({n}, {H}, {W}), got {out.dtype} {out.shape}")
+            if (n is None or out.ndim != 3 or out.shape[0] < n or out.shape[1:] != (H, W)
+                    or out.dtype != np.uint8 or not out[:1].flags.c_contiguous):
+                raise ValueError(f"out must be a C-contiguous uint8 ({n}, {H}, {W}) array, "
+                                 f"got {out.dtype} {out.shape}")
         gap_rate = float(self.sim.gap_rate)
         count = 0
         while n is None or count < n:

@@ -14,10 +14,13 @@ Per frame:
    behind the last position (cells flow left to right).
 3. **Assign** jointly (``tracker.assign``, :mod:`engine.track.assign`): conflicts inside a subnet
    are solved as one assignment problem, not greedily.
-4. **Merged cells**: two cells that touch give one blob. An unmatched track whose prediction lies
-   inside a blob that is much larger than a cell (``merge_area_ratio``) is carried along with
-   that blob, as is the track that took it: their positions move with the blob, and neither
-   records an area for that frame. Their identities survive the contact.
+4. **Merged cells**: two cells that touch give one blob. A blob that is clearly more than the
+   cell(s) it is claimed by (larger by ``merge_area_ratio``, or wider/taller than their
+   predicted boxes) is *shared*: the confirmed tracks whose predictions lie inside it are
+   carried with it (aligned to its ends), record no area for that frame, and keep their
+   identities through the contact; the part of it left of them at the inlet edge starts the
+   track of a cell entering behind them. Blobs of one cell's size just outside a track's gate
+   but around its prediction are linked to it (a rescue).
 5. **Misses**: a track without a candidate is predicted through up to ``max_gap`` frames (its
    crop is cut at the predicted position with area 0); then it ends, as an exit when its last
    box touched the outlet edge, else as lost. A track predicted beyond the right edge ends at
@@ -40,9 +43,7 @@ import bisect
 import math
 from typing import Iterable, Iterator
 
-import numpy as np
-
-from ..clips import ClipCutter, ClipRecorder, SHAPE_FIELDS
+from ..clips import ClipCutter, ClipRecorder
 from ..errors import DetectError
 from ..features import compute_features
 from ..types import Blob, CellClip, ChipGeometry, Frame, TrackStatus
@@ -53,11 +54,12 @@ __all__ = ["Linker", "link_iter"]
 
 _CONFIRM_LINKS = 3   # links before a track teaches the flow field
 _AREA_ALPHA = 0.3    # smoothing of a track's typical area
+_SHARE_PX = 8        # a blob this much wider/taller than a cell's predicted box holds more
 
 
 class _Track:
     __slots__ = ("tid", "state", "rec", "first_index", "at_start", "entry_ok", "misses",
-                 "box", "area", "tail", "x_min", "x_max", "exited_edge")
+                 "box", "area", "tail", "x_min", "x_max", "exited_edge", "inferred")
 
     def __init__(self, tid: int, blob: Blob, rec: ClipRecorder | None, at_start: bool,
                  entry_ok: bool):
@@ -73,6 +75,7 @@ class _Track:
         self.tail = False
         self.x_min = self.x_max = float(blob.cx)
         self.exited_edge = False
+        self.inferred = False      # the last position was inferred (shared blob), not measured
 
 
 class Linker:
@@ -131,6 +134,7 @@ class Linker:
         self._first_index: int | None = None
         self._last_index: int | None = None
         self._last_t_ns = 0
+        self._cell_area = 0.0      # typical area of a tracked cell [px²], learned
         self.stats = {k: 0 for k in (
             "frames", "blobs", "tracks_started", "clips", "complete", "truncated",
             "dropped_short", "dropped_static", "gap_frames", "merged_frames", "rescued",
@@ -193,7 +197,9 @@ class Linker:
             pred.append((px, py))
             g = self.gate * (1.0 + self.gate_growth * tr.misses)
             g2 = g * g
-            xmin = max(px - g, s.x - self.max_back)
+            # behind the last position only by max_back (more if that one was inferred)
+            back = self.max_back + (_SHARE_PX if tr.inferred else 0.0)
+            xmin = max(px - g, s.x - back)
             lo = bisect.bisect_left(xs, xmin)
             hi = bisect.bisect_right(xs, px + g)
             for k in range(lo, hi):
@@ -225,10 +231,13 @@ class Linker:
                                        learn=(s.n_links >= _CONFIRM_LINKS and not at_edge
                                               and not tr.tail))
                 tr.box = box
+                tr.inferred = False
                 if at_edge:      # a cell entering or leaving grows/shrinks fast: follow it
                     tr.area = float(b.area)
                 else:
                     tr.area += _AREA_ALPHA * (b.area - tr.area)
+                    if s.n_links >= _CONFIRM_LINKS and not tr.tail:
+                        self._cell_area += 0.02 * (b.area - self._cell_area)
                 tr.misses = 0
                 tr.x_min = min(tr.x_min, b.cx)
                 tr.x_max = max(tr.x_max, b.cx)
@@ -240,6 +249,7 @@ class Linker:
             elif i in carried:
                 cx, cy, box = carried[i]
                 self.predictor.move(s, cx, cy, fi)
+                tr.inferred = True
                 tr.box = box
                 tr.misses = 0
                 tr.x_max = max(tr.x_max, cx)
@@ -309,25 +319,31 @@ class Linker:
     def _explain_big_blobs(self, blobs, tracks, pred, track_blob, blob_track):
         """Tracks carried along with a blob they share; extra blobs for entering cells.
 
-        A blob *claims* the tracks that took it while it is much larger than their cell
-        (``merge_area_ratio``), and the unmatched tracks whose prediction lies inside its box.
-        Several claimed tracks move with the blob (its shift from their mean prediction); one
-        claimed track is aligned to the end of the blob nearer its prediction, and when the rest
-        of the blob reaches the left image edge, that rest is a cell entering behind it.
-        An unmatched track whose prediction lies inside a free blob of a single cell's size,
-        just outside the gate, is linked to it (a rescue). Updates the link maps in place.
+        A blob *claims* the confirmed tracks (not fragments) that took it, and the unmatched
+        ones whose prediction lies inside its box. It is *shared* when it is clearly more than
+        one cell: larger than the claimed cell by ``merge_area_ratio``, or wider or taller than
+        the claimed cells' predicted boxes by more than ``_SHARE_PX``. Tracks sharing a blob
+        are carried with it: the first and last along the axis they are spread on are aligned
+        to the blob's ends, any in between stay at their prediction; none records an area.
+        When the part of a shared blob left of its cells reaches the left image edge, that part
+        is a cell entering behind them and starts a track. An unmatched track whose
+        prediction lies inside a free blob of one cell's size, just outside the gate, is linked
+        to it (a rescue). Updates the link maps in place.
         """
         st = self.stats
-        nt = len(tracks)
         claims: dict[int, list[int]] = {}
-        for i in range(nt):
-            if tracks[i].state.n_links < _CONFIRM_LINKS:
-                continue        # a young track may be noise: it claims nothing
+        small = 0.5 * self._cell_area
+        for i, tr in enumerate(tracks):
+            if tr.state.n_links < _CONFIRM_LINKS or tr.area < small:
+                continue        # a young track or a fragment may be noise: it claims nothing
             j = track_blob.get(i)
             if j is not None:
-                if not _at_edge(tracks[i].box, self.width) and \
-                        blobs[j].area >= self.merge_ratio * tracks[i].area:
-                    claims.setdefault(j, []).append(i)
+                b = blobs[j]
+                tb = tr.box
+                if (b.area >= self.merge_ratio * tr.area
+                        or b.bbox[2] - b.bbox[0] > tb[2] - tb[0] + _SHARE_PX
+                        or b.bbox[3] - b.bbox[1] > tb[3] - tb[1] + _SHARE_PX):
+                    claims.setdefault(j, []).append(i)   # may hold more than this cell
                 continue
             px, py = pred[i]
             for j, b in enumerate(blobs):
@@ -337,46 +353,53 @@ class Linker:
                     break
         carried: dict[int, tuple[float, float, tuple]] = {}
         extra: list[Blob] = []
+        W, H = self.width, self.height
         for j, members in claims.items():
             b = blobs[j]
             owner = blob_track.get(j)
-            # a cell cut by the image edge grows or shrinks: its area says nothing
-            whole = [tracks[i].area for i in members if not _at_edge(tracks[i].box, self.width)]
-            big = bool(whole) and b.area >= self.merge_ratio * max(whole)
-            if not big:
+            if owner is not None and owner not in members:
+                o = tracks[owner]
+                if o.state.n_links < _CONFIRM_LINKS or o.area < small:
+                    continue    # taken by a young track: leave it
+                members.insert(0, owner)
+            pbox = {}
+            for i in members:
+                px, py = pred[i]
+                x0, y0, x1, y1 = _moved(tracks[i].box, tracks[i].state, px, py)
+                pbox[i] = (max(x0, 0), max(y0, 0), min(x1, W), min(y1, H))
+            bw, bh = b.bbox[2] - b.bbox[0], b.bbox[3] - b.bbox[1]
+            wider = (bw > max(p[2] - p[0] for p in pbox.values()) + _SHARE_PX
+                     or bh > max(p[3] - p[1] for p in pbox.values()) + _SHARE_PX)
+            whole = [tracks[i].area for i in members if not _at_edge(tracks[i].box, W)]
+            bigger = bool(whole) and b.area >= self.merge_ratio * max(whole)
+            if not (wider or bigger):
                 if owner is None and len(members) == 1:
                     i = members[0]
-                    if b.cx - tracks[i].state.x >= -self.max_back:
+                    back = self.max_back + (_SHARE_PX if tracks[i].inferred else 0.0)
+                    if b.cx - tracks[i].state.x >= -back:
                         track_blob[i] = j
                         blob_track[j] = i
                         st["rescued"] += 1
-                continue        # an owned blob of one cell's size: the others just miss
-            if owner is not None and owner not in members:
-                members.insert(0, owner)
+                continue        # one cell's blob: the other claimants just miss
             for i in members:
                 track_blob.pop(i, None)
             blob_track[j] = -1
             st["merged_frames"] += len(members)
             if len(members) >= 2:
-                # the blob's extent is known: the first and last cell along the axis on which
-                # the cells are spread touch its ends; the others move with its centroid
-                mx = sum(pred[i][0] for i in members) / len(members)
-                my = sum(pred[i][1] for i in members) / len(members)
                 xs = [pred[i][0] for i in members]
                 ys = [pred[i][1] for i in members]
                 ax = 0 if max(xs) - min(xs) >= max(ys) - min(ys) else 1
                 order = sorted(members, key=lambda i: pred[i][ax])
+                mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
                 for i in members:
+                    px, py = pred[i]
                     if i not in (order[0], order[-1]):       # in the middle: as predicted
-                        cx, cy = pred[i]
-                        carried[i] = (cx, cy, _moved(tracks[i].box, tracks[i].state, cx, cy))
+                        carried[i] = (px, py, _moved(tracks[i].box, tracks[i].state, px, py))
                         continue
-                    cx, cy = pred[i][0] + b.cx - mx, pred[i][1] + b.cy - my
+                    # across the spread: follow the blob's centroid; along it: its end
+                    cx, cy = (px, py + b.cy - my) if ax == 0 else (px + b.cx - mx, py)
                     box = _moved(tracks[i].box, tracks[i].state, cx, cy)
-                    if i == order[0]:
-                        d = b.bbox[ax] - box[ax]
-                    else:
-                        d = b.bbox[ax + 2] - box[ax + 2]
+                    d = (b.bbox[ax] - box[ax]) if i == order[0] else (b.bbox[ax + 2] - box[ax + 2])
                     if ax == 0:
                         cx += d
                         box = (box[0] + d, box[1], box[2] + d, box[3])
@@ -388,19 +411,18 @@ class Linker:
             i = members[0]
             tr = tracks[i]
             px, py = pred[i]
-            pbox = _moved(tr.box, tr.state, px, py)
-            if abs(pbox[2] - b.bbox[2]) <= abs(pbox[0] - b.bbox[0]):
-                dx = b.bbox[2] - pbox[2]          # the track is the front (right) part
+            pb = _moved(tr.box, tr.state, px, py)
+            if abs(pb[2] - b.bbox[2]) <= abs(pb[0] - b.bbox[0]):
+                dx = b.bbox[2] - pb[2]          # the track is the front (right) part
             else:
-                dx = b.bbox[0] - pbox[0]          # the track is the rear (left) part
-            cx = px + dx
-            box = (pbox[0] + dx, pbox[1], pbox[2] + dx, pbox[3])
-            carried[i] = (cx, py, box)
+                dx = b.bbox[0] - pb[0]          # the track is the rear (left) part
+            box = (pb[0] + dx, pb[1], pb[2] + dx, pb[3])
+            carried[i] = (px + dx, py, box)
             rest_w = box[0] - b.bbox[0]
-            rest_area = b.area - tr.area
-            if b.bbox[0] <= self.margin and rest_w >= 8 and rest_area >= 50:
-                extra.append(Blob(b.frame_index, 0.5 * (b.bbox[0] + box[0]), b.cy,
-                                  int(rest_area), (b.bbox[0], b.bbox[1], box[0], b.bbox[3])))
+            if b.bbox[0] <= self.margin and rest_w >= _SHARE_PX:
+                rest_area = max(int(b.area * rest_w / max(bw, 1)), 1)
+                extra.append(Blob(b.frame_index, 0.5 * (b.bbox[0] + box[0]), b.cy, rest_area,
+                                  (b.bbox[0], b.bbox[1], box[0], b.bbox[3])))
         return carried, extra
 
     def _finish(self, tr: _Track, how: str, t_ns: int) -> CellClip | None:

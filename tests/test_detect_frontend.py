@@ -1,0 +1,241 @@
+"""The front end on the synthetic chip (accuracy against ground truth), background policy,
+geometry, and input validation."""
+import numpy as np
+import pytest
+
+from engine.config import load_config
+from engine.detect import FrontEnd, GeometryNotFound, find_geometry
+from engine.errors import DetectError
+from engine.types import Blob, Frame
+
+sim = pytest.importorskip("engine.sources.sim", reason="H1's simulator (engine/sources/sim.py)")
+
+
+def match_frames(truth, blobs_per_frame, shape, tol=8.0) -> dict:
+    """Per-frame recall/precision, as bench/bench_frontend.py scores them.
+
+    Truth and detections are matched one-to-one (Hungarian, centroid within ``tol`` px).
+    Recall counts the cells whose truth box lies fully inside the frame; a detection is a
+    false positive when it matches no cell at all (one matching a cell cut by the frame edge
+    counts for neither).
+    """
+    from scipy.optimize import linear_sum_assignment
+    H, W = shape
+    by = {}
+    for c in truth.cells:
+        for fn, cxy, box in zip(c.frame_numbers, c.centroids, c.boxes):
+            by.setdefault(int(fn), []).append((cxy, box))
+    tp = fn_ = fp = 0
+    for i, num in enumerate(truth.frame_numbers):
+        tl = by.get(int(num), [])
+        bl = blobs_per_frame[i]
+        if not tl:
+            fp += len(bl)
+            continue
+        inside = np.array([b[0] > 0 and b[1] > 0 and b[2] < W and b[3] < H for _, b in tl])
+        T = np.array([t[0] for t in tl], float)
+        D = np.array([[b.cx, b.cy] for b in bl], float).reshape(-1, 2)
+        r = c = np.zeros(0, int)
+        if len(bl):
+            d = np.hypot(T[:, None, 0] - D[None, :, 0], T[:, None, 1] - D[None, :, 1])
+            r, c = linear_sum_assignment(np.where(d <= tol, d, 1e6))
+            ok = d[r, c] <= tol
+            r, c = r[ok], c[ok]
+        mt = np.zeros(len(tl), bool)
+        mt[r] = True
+        md = np.zeros(len(bl), bool)
+        md[c] = True
+        tp += int((mt & inside).sum())
+        fn_ += int((~mt & inside).sum())
+        fp += int((~md).sum())
+    return {"recall": tp / max(tp + fn_, 1), "precision": tp / max(tp + fp, 1),
+            "cells": tp + fn_, "fn": fn_, "fp": fp}
+
+N = 300   # frames per case: enough cells, fast on 2 shared cores
+
+OTHER_CHIP = ["sim.wall_level=110", "sim.background=170", "chip.constriction_x0=200",
+              "chip.constriction_x1=600", "chip.axis_y=80", "chip.constriction_width_um=6.0",
+              "chip.inlet_halfwidth=50", "chip.outlet_halfwidth=55"]
+
+
+def _run(overrides, n=N):
+    cfg = load_config(overrides=overrides)
+    chip = sim.SyntheticChip(cfg)
+    frames, truth = chip.render(n)
+    fe = FrontEnd(cfg)
+    fe.prime(frames)
+    out = [fe.process(Frame(int(num), 0, frames[i])) for i, num in enumerate(truth.frame_numbers)]
+    return fe, chip, frames, truth, out
+
+
+@pytest.mark.parametrize("overrides", [
+    ["sim.seed=0"],
+    ["sim.seed=1", "sim.rate_hz=4"],
+    ["sim.seed=2", "sim.rate_hz=20"],
+    ["sim.seed=3"] + OTHER_CHIP,
+], ids=["seed0-12Hz", "seed1-4Hz", "seed2-20Hz", "other-chip"])
+def test_per_frame_detection_recall_and_precision(overrides):
+    fe, chip, frames, truth, out = _run(overrides)
+    m = match_frames(truth, out, frames.shape[1:], tol=8.0)
+    assert m["cells"] > 100, m                   # the case has cells to find
+    assert m["recall"] >= 0.98, m
+    assert m["precision"] >= 0.98, m
+    for bl in out:
+        for b in bl:
+            assert isinstance(b, Blob) and b.area >= fe.cfg.frontend.min_area
+            x0, y0, x1, y1 = b.bbox
+            assert x0 <= b.cx < x1 and y0 <= b.cy < y1
+
+
+@pytest.mark.parametrize("overrides", [[], OTHER_CHIP + ["sim.wall_level=20"]],
+                         ids=["default-chip", "other-chip-dark-walls"])
+def test_geometry_found_in_the_background(overrides):
+    cfg = load_config(overrides=overrides)
+    chip = sim.SyntheticChip(cfg)
+    g = find_geometry(chip.empty_frame(0))
+    t = chip.geometry
+    assert g.source == "background"
+    assert abs(g.axis_y - t.axis_y) <= 3
+    assert abs(g.constriction_x0 - t.constriction_x0) <= 8
+    assert abs(g.constriction_x1 - t.constriction_x1) <= 8
+    assert abs(g.constriction_halfwidth - t.constriction_halfwidth) <= 3
+    assert abs(g.inlet_halfwidth - t.inlet_halfwidth) <= 3
+    assert abs(g.outlet_halfwidth - t.outlet_halfwidth) <= 3
+
+
+def test_geometry_from_the_primed_front_end():
+    fe, chip, *_ = _run([], n=120)
+    assert fe.geometry.source == "background"
+    assert abs(fe.geometry.constriction_x0 - chip.geometry.constriction_x0) <= 8
+    man = fe.manifest()
+    assert man["geometry"]["source"] == "background"
+    assert man["background"]["policy"].startswith("median")
+    assert man["frames"] == 120
+
+
+def test_no_channel_falls_back_to_config():
+    cfg = load_config()
+    flat = np.random.default_rng(0).integers(118, 122, (150, 800)).astype(np.uint8)
+    with pytest.raises(GeometryNotFound, match="no channel walls"):
+        find_geometry(flat)
+    assert find_geometry(flat, fallback=cfg.geometry()).source == "config"
+    fe = FrontEnd(cfg, background=flat)
+    assert fe.geometry.source == "config"
+    assert "config" in fe.geometry_note
+
+
+def test_straight_channel_spans_the_image():
+    img = np.full((80, 400), 180, np.uint8)
+    img[:6] = 90
+    img[-6:] = 90
+    g = find_geometry(img)
+    assert (g.constriction_x0, g.constriction_x1) == (0, 400)
+    assert abs(g.constriction_halfwidth - 34) <= 1
+    assert abs(g.axis_y - 39.5) <= 1
+
+
+def test_background_leaves_cells_out_and_tracks_drift():
+    """Prime on frames full of cells: the median comes from cell-free pixels, so an empty
+    frame finds nothing; a slow illumination drift is followed by the running update."""
+    cfg = load_config(overrides=["frontend.bg_update_frames=200", "frontend.bg_frames=20"])
+    chip = sim.SyntheticChip(cfg)
+    frames, truth = chip.render(200)
+    fe = FrontEnd(cfg)
+    fe.prime(frames)
+    bg = fe.bg.manifest()
+    assert bg["prime_frames"] == 20
+    empty = chip.empty_frame(int(truth.frame_numbers[0]))
+    err = np.abs(fe.background - empty.astype(np.float32))
+    assert np.percentile(err, 99) < 3.0           # no cell left a trace
+    # drift: the scene brightens by 8 grey levels; the update follows it
+    rng = np.random.default_rng(1)
+    for i in range(600):
+        im = np.clip(empty.astype(np.int16) + 8 + rng.integers(-2, 3, empty.shape), 0, 255
+                     ).astype(np.uint8)
+        fe.process(Frame(i, 0, im))
+    assert fe.bg.updates >= 2
+    inside = empty > 100
+    assert abs(float(np.median(fe.background[inside] - empty[inside])) - 8) < 2.5
+
+
+def test_recorded_background_and_polarity():
+    cfg = load_config(overrides=["frontend.polarity=dark"])
+    bg = np.full((60, 120), 150, np.uint8)
+    img = bg.copy()
+    img[20:30, 20:40] = 120        # dark blob, 200 px
+    img[20:30, 70:90] = 190        # bright blob: ignored with polarity=dark
+    fe = FrontEnd(cfg, background=bg)
+    blobs = fe.process(Frame(0, 0, img))
+    assert len(blobs) == 1
+    b = blobs[0]
+    assert b.area == 200 and b.bbox == (20, 20, 40, 30)
+    assert b.cx == pytest.approx(29.5) and b.cy == pytest.approx(24.5)
+    assert b.brightness == pytest.approx(120)
+    both = FrontEnd(load_config(), background=bg).process(Frame(0, 0, img))
+    assert len(both) == 2
+
+
+def test_split_cell_is_rejoined_but_neighbours_are_not():
+    cfg = load_config(overrides=["frontend.static_frames=0", "frontend.illumination=false"])
+    H, W = 100, 300
+    bg = np.full((H, W), 150, np.uint8)
+    yy, xx = np.mgrid[:H, :W]
+    img = bg.copy()
+    # one cell split into two crescents: a ring with its left and right sides faint
+    r = np.hypot(xx - 60, yy - 50)
+    ring = (r >= 11) & (r <= 15) & (np.abs(xx - 60) > 4)
+    img[ring] = 120
+    # two whole neighbours, 4 px apart
+    for cx in (180, 214):
+        img[np.hypot(xx - cx, yy - 50) <= 15] = 120
+    fe = FrontEnd(cfg, background=bg)
+    blobs = fe.process(Frame(0, 0, img))
+    xs = sorted(round(b.cx) for b in blobs)
+    assert xs == [60, 180, 214], [(b.cx, b.area) for b in blobs]
+    assert fe.stats["rejoined"] == 1
+
+
+def test_touching_cells_are_cut_at_the_neck():
+    cfg = load_config(overrides=["frontend.static_frames=0"])
+    H, W = 100, 300
+    bg = np.full((H, W), 150, np.uint8)
+    yy, xx = np.mgrid[:H, :W]
+    fe = FrontEnd(cfg, background=bg)
+    # teach it the typical cell size with single cells
+    single = bg.copy()
+    single[np.hypot(xx - 100, yy - 50) <= 15] = 120
+    for i in range(20):
+        assert len(fe.process(Frame(i, 0, single))) == 1
+    pair = bg.copy()
+    pair[(np.hypot(xx - 100, yy - 50) <= 15) | (np.hypot(xx - 128, yy - 50) <= 15)] = 120
+    blobs = fe.process(Frame(20, 0, pair))
+    assert sorted(round(b.cx) for b in blobs) == pytest.approx([99, 129], abs=2)
+
+
+def test_stuck_debris_is_dropped():
+    cfg = load_config(overrides=["frontend.static_frames=5"])
+    bg = np.full((60, 200), 150, np.uint8)
+    img = bg.copy()
+    img[20:30, 20:30] = 100
+    fe = FrontEnd(cfg, background=bg)
+    counts = [len(fe.process(Frame(i, 0, img))) for i in range(12)]
+    assert counts[:4] == [1, 1, 1, 1] and counts[-1] == 0
+    assert fe.stats["static_dropped"] >= 7
+
+
+@pytest.mark.parametrize("bad, what", [
+    (np.zeros((150, 800), np.float32), "float32"),
+    (np.zeros((150, 800, 3), np.uint8), r"\(150, 800, 3\)"),
+    (np.zeros((100, 800), np.uint8), r"\(100, 800\)"),
+])
+def test_wrong_frames_raise_detect_error(bad, what):
+    fe = FrontEnd(load_config(), background=np.full((150, 800), 150, np.uint8))
+    with pytest.raises(DetectError, match=what):
+        fe.process(Frame(0, 0, bad))
+
+
+def test_process_before_prime_raises():
+    with pytest.raises(DetectError, match="prime"):
+        FrontEnd(load_config()).process(Frame(0, 0, np.zeros((150, 800), np.uint8)))
+    with pytest.raises(DetectError, match="at least one frame"):
+        FrontEnd(load_config()).prime([])
