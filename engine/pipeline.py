@@ -140,9 +140,10 @@ def run_pipeline(cfg: Config, opts: RunOptions,
         artefact = ModelArtefact.load(opts.model or cfg.model.path or default_model_path())
         model_info = {"path": str(artefact.path), "model_id": artefact.model_id,
                       "sha256": artefact.sha256,
-                      "trained_on": artefact.meta.get("fmh.trained_on", ""),
-                      "validation": artefact.meta.get("fmh.validation", {}),
-                      "threshold": artefact.meta.get("fmh.threshold")}
+                      "trained_on": artefact.meta.get("trained_on", ""),
+                      "validation": artefact.meta.get("validation") or {},
+                      "threshold": artefact.threshold,
+                      "classes": list(artefact.meta.get("classes", []))}
 
     files = RunFiles(out, {
         "software": {"name": "fmh-engine", "version": __version__, "python": sys.version.split()[0]},
@@ -163,7 +164,13 @@ def run_pipeline(cfg: Config, opts: RunOptions,
         dispatcher = Dispatcher(cfg, on_prediction=files.add_prediction,
                                 spill_dir=Path(cfg.serving.spill_dir or out / "spill"))
         dispatcher.start()
-        workers = spawn_workers(str(artefact.path), dispatcher.endpoint, opts.workers)
+        # The workers see the run's serving and model settings, not just the defaults.
+        overrides = [f"{sec}.{k}={_yaml_scalar(v)}" for sec in ("serving", "model")
+                     for k, v in cfg.to_dict()[sec].items()]
+        workers = spawn_workers(str(artefact.path), dispatcher.endpoint, opts.workers,
+                                overrides=overrides)
+        if opts.progress:
+            print(f"fmh: live predictions published on {dispatcher.pub_endpoint}", file=sys.stderr)
 
     ring = FrameRing.create(shape=shape, slots=cfg.ring.slots, policy=policy)
     ctx = mp.get_context("spawn")
@@ -262,6 +269,11 @@ def run_pipeline(cfg: Config, opts: RunOptions,
     if status == "failed":
         raise EngineError(f"{opts.source}: run failed: {error} (partial results in {out})")
     return summary
+
+
+def _yaml_scalar(v) -> str:
+    import json
+    return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _with_features(clip: CellClip, feats: dict) -> CellClip:

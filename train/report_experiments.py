@@ -12,8 +12,8 @@ from pathlib import Path
 
 RUNS = [("sf_fixed", "SlowFast R18 w16, tau 8, fixed 64x64"),
         ("frame2d", "single-frame 2D CNN, fixed 64x64"),
-        ("sf_bbox", "SlowFast R18 w16, tau 8, bbox-resize 64x64"),
         ("sf_tau2", "SlowFast R18 w16, tau 2 (alpha 2), fixed 64x64"),
+        ("sf_bbox", "SlowFast R18 w16, tau 2 (alpha 2), bbox-resize 64x64"),
         ("sf_masked", "SlowFast R18 w16, cell masked out (channel only)")]
 
 
@@ -70,9 +70,9 @@ def main(argv=None) -> int:
               f"{_f(t.get('sensitivity'))} | {_f(t.get('specificity'))} | "
               f"{_f(t.get('at_0.5', {}).get('top1_error'))} | "
               f"{_f(r.get('train_seconds'))} |")
-    if "test_multi" in res.get("sf_fixed", {}):
-        m, s = res["sf_fixed"]["test_multi"], res["sf_fixed"]["test_single"]
-        print(f"\nsf_fixed on test, single view vs 10x3 views: AUC {_f(s['auc'])} vs "
+    if "test_multi" in res.get("sf_tau2", {}):
+        m, s = res["sf_tau2"]["test_multi"], res["sf_tau2"]["test_single"]
+        print(f"\nsf_tau2 on test, single view vs 10x3 views: AUC {_f(s['auc'])} vs "
               f"{_f(m['auc'])}, sensitivity {_f(s['sensitivity'])} vs {_f(m['sensitivity'])}, "
               f"specificity {_f(s['specificity'])} vs {_f(m['specificity'])}")
     return 0

@@ -740,6 +740,8 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
     offs = np.int64(off) * ksum * ksum
     nout = 0
     cap = stats.shape[0]
+    cap_runs = runs.shape[0]
+    run_strong = np.empty(cap_runs, np.int64)
     for q in range(nr):
         if not alive[q]:
             continue
@@ -749,66 +751,107 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
         y1 = roi[q, 3]
         h = y1 - y0
         w = x1 - x0
-        mask = np.zeros((h, w), np.uint8)
-        if nk == 1:
-            # no smoothing: the low threshold is folded into lo_w/hi_w like the seeds'
+        direct = nk == 1 and not holes
+        if direct:
+            # one pass: low-threshold runs straight from the frame, seed pixels counted per run
+            nrr = 0
             for yy in range(h):
-                row = img[y0 + yy]
-                rl = lo_w[y0 + yy]
-                rh = hi_w[y0 + yy]
-                mrow = mask[yy]
-                for xx in range(w):
-                    v = np.int16(row[x0 + xx]) - off
-                    mrow[xx] = (v < rl[x0 + xx]) | (v > rh[x0 + xx])
+                y = y0 + yy
+                row = img[y]
+                rl = lo_w[y]
+                rh = hi_w[y]
+                sl = lo[y]
+                sh = hi[y]
+                inrun = False
+                s0 = 0
+                cnt = 0
+                for x in range(x0, x1):
+                    v = np.int16(row[x]) - off
+                    if v < rl[x] or v > rh[x]:
+                        if not inrun:
+                            inrun = True
+                            s0 = x
+                            cnt = 0
+                        if v < sl[x] or v > sh[x]:
+                            cnt += 1
+                    elif inrun:
+                        if nrr >= cap_runs:
+                            return -1
+                        runs[nrr, 0] = y
+                        runs[nrr, 1] = s0
+                        runs[nrr, 2] = x
+                        run_strong[nrr] = cnt
+                        nrr += 1
+                        inrun = False
+                if inrun:
+                    if nrr >= cap_runs:
+                        return -1
+                    runs[nrr, 0] = y
+                    runs[nrr, 1] = s0
+                    runs[nrr, 2] = x1
+                    run_strong[nrr] = cnt
+                    nrr += 1
         else:
-            # horizontal pass over the rows the vertical pass needs (clamped at the image edge)
-            hs = np.zeros((h + 2 * rad, w), np.int32)
-            prow = np.empty(w + 2 * rad, np.int32)
-            for yy in range(h + 2 * rad):
-                ys = min(max(y0 + yy - rad, 0), H - 1)
-                row = img[ys]
-                for xx in range(w + 2 * rad):
-                    prow[xx] = row[min(max(x0 + xx - rad, 0), W - 1)]
-                hrow = hs[yy]
-                for t in range(nk):
-                    kt = np.int32(kern[t])
+            mask = np.zeros((h, w), np.uint8)
+            if nk == 1:
+                # no smoothing: the low threshold is folded into lo_w/hi_w like the seeds'
+                for yy in range(h):
+                    row = img[y0 + yy]
+                    rl = lo_w[y0 + yy]
+                    rh = hi_w[y0 + yy]
+                    mrow = mask[yy]
                     for xx in range(w):
-                        hrow[xx] += kt * prow[xx + t]
-            vacc = np.empty(w, np.int64)
-            for yy in range(h):
-                for xx in range(w):
-                    vacc[xx] = -offs
-                for t in range(nk):
-                    kt = np.int64(kern[t])
-                    hrow = hs[yy + t]
+                        v = np.int16(row[x0 + xx]) - off
+                        mrow[xx] = (v < rl[x0 + xx]) | (v > rh[x0 + xx])
+            else:
+                # horizontal pass over the rows the vertical pass needs (clamped at the image edge)
+                hs = np.zeros((h + 2 * rad, w), np.int32)
+                prow = np.empty(w + 2 * rad, np.int32)
+                for yy in range(h + 2 * rad):
+                    ys = min(max(y0 + yy - rad, 0), H - 1)
+                    row = img[ys]
+                    for xx in range(w + 2 * rad):
+                        prow[xx] = row[min(max(x0 + xx - rad, 0), W - 1)]
+                    hrow = hs[yy]
+                    for t in range(nk):
+                        kt = np.int32(kern[t])
+                        for xx in range(w):
+                            hrow[xx] += kt * prow[xx + t]
+                vacc = np.empty(w, np.int64)
+                for yy in range(h):
                     for xx in range(w):
-                        vacc[xx] += kt * hrow[xx]
-                brow = bg_s[y0 + yy]
-                mrow = mask[yy]
-                for xx in range(w):
-                    dv = vacc[xx] - brow[x0 + xx]
-                    mrow[xx] = (dv > thr_bright) | (dv < -thr_dark)
-        if holes:
-            fill_holes(mask, np.empty(h * w, np.int64))
-        # label the region
-        nrr = mask_runs(mask, runs)
-        if nrr < 0:
-            return -1
+                        vacc[xx] = -offs
+                    for t in range(nk):
+                        kt = np.int64(kern[t])
+                        hrow = hs[yy + t]
+                        for xx in range(w):
+                            vacc[xx] += kt * hrow[xx]
+                    brow = bg_s[y0 + yy]
+                    mrow = mask[yy]
+                    for xx in range(w):
+                        dv = vacc[xx] - brow[x0 + xx]
+                        mrow[xx] = (dv > thr_bright) | (dv < -thr_dark)
+            if holes:
+                fill_holes(mask, np.empty(h * w, np.int64))
+            # label the region
+            nrr = mask_runs(mask, runs)
+            if nrr < 0:
+                return -1
+            for r in range(nrr):
+                runs[r, 0] += y0
+                runs[r, 1] += x0
+                runs[r, 2] += x0
         if nrr == 0:
             continue
-        for r in range(nrr):
-            runs[r, 0] += y0
-            runs[r, 1] += x0
-            runs[r, 2] += x0
         kk = label_runs(runs, nrr, conn8, run_label)
         lab = np.zeros((h, w), np.int32)
         paint_labels(runs, nrr, run_label, lab, y0, x0)
+        cut = False
         if split_area > 0:
             # area per label, then split the big ones at their narrowest neck
             area = np.zeros(kk, np.int64)
             for r in range(nrr):
                 area[run_label[r]] += runs[r, 2] - runs[r, 1]
-            cut = False
             big = False
             for L in range(kk):
                 big |= area[L] > split_area
@@ -837,14 +880,18 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
             return -1
         accumulate_runs(runs, nrr, run_label, kk, img, True, stats, nout)
         # seed pixels per label (hysteresis)
-        for r in range(nrr):
-            y = runs[r, 0]
-            cnt = 0
-            for x in range(runs[r, 1], runs[r, 2]):
-                v = np.int16(img[y, x]) - off
-                if v < lo[y, x] or v > hi[y, x]:
-                    cnt += 1
-            stats[nout + run_label[r], S_STRONG] += cnt
+        if direct and not cut:
+            for r in range(nrr):
+                stats[nout + run_label[r], S_STRONG] += run_strong[r]
+        else:
+            for r in range(nrr):
+                y = runs[r, 0]
+                cnt = 0
+                for x in range(runs[r, 1], runs[r, 2]):
+                    v = np.int16(img[y, x]) - off
+                    if v < lo[y, x] or v > hi[y, x]:
+                        cnt += 1
+                stats[nout + run_label[r], S_STRONG] += cnt
         perimeter_from_labels(lab, stats, nout, weights)
         # keep labels with seed pixels, compacting in place
         keep = nout
