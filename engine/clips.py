@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit
 
 from .types import CellClip, TrackStatus
 
@@ -30,6 +31,26 @@ __all__ = ["ClipCutter", "ClipRecorder", "cut_fixed", "cut_square", "SHAPE_FIELD
 
 #: per-frame blob statistics the recorder keeps for the features (float32 each)
 SHAPE_FIELDS = ("perimeter", "deform", "major", "minor", "orientation", "brightness")
+
+
+@njit(cache=True, nogil=True)
+def _cut_clamped(image, x0, y0, out):
+    """Copy ``image[y0:y0 + S, x0:x0 + S']`` into ``out`` (S, S'); rows and columns outside
+    the image repeat its edge row/column (indices clamped)."""
+    h, w = image.shape
+    sy, sx = out.shape
+    if x0 >= 0 and y0 >= 0 and x0 + sx <= w and y0 + sy <= h:
+        for r in range(sy):
+            src = image[y0 + r, x0:x0 + sx]
+            dst = out[r]
+            for c in range(sx):
+                dst[c] = src[c]
+        return
+    for r in range(sy):
+        src = image[min(max(y0 + r, 0), h - 1)]
+        dst = out[r]
+        for c in range(sx):
+            dst[c] = src[min(max(x0 + c, 0), w - 1)]
 
 
 def cut_fixed(image: np.ndarray, cx: float, cy: float, size: int,
@@ -49,35 +70,13 @@ def cut_fixed(image: np.ndarray, cx: float, cy: float, size: int,
     Returns
     -------
     ndarray of uint8, shape (size, size)
-        ``out``, or a new array (never a view of ``image``).
+        ``out``, or a new array (never a view of ``image``). Where the canvas leaves the
+        image, the nearest edge pixels are repeated (also when it misses the image).
     """
-    h, w = image.shape
     half = size // 2
-    x0 = math.floor(cx + 0.5) - half
-    y0 = math.floor(cy + 0.5) - half
     if out is None:
         out = np.empty((size, size), np.uint8)
-    if x0 >= 0 and y0 >= 0 and x0 + size <= w and y0 + size <= h:
-        out[...] = image[y0:y0 + size, x0:x0 + size]
-        return out
-    ys0, ys1 = max(y0, 0), min(y0 + size, h)
-    xs0, xs1 = max(x0, 0), min(x0 + size, w)
-    if ys0 >= ys1 or xs0 >= xs1:          # the canvas misses the image: nearest edge pixels
-        rows = np.clip(np.arange(y0, y0 + size), 0, h - 1)
-        cols = np.clip(np.arange(x0, x0 + size), 0, w - 1)
-        out[...] = image[rows[:, None], cols[None, :]]
-        return out
-    oy0, ox0 = ys0 - y0, xs0 - x0
-    oy1, ox1 = oy0 + (ys1 - ys0), ox0 + (xs1 - xs0)
-    out[oy0:oy1, ox0:ox1] = image[ys0:ys1, xs0:xs1]
-    if ox0 > 0:                            # repeat the edge column / row outwards
-        out[oy0:oy1, :ox0] = out[oy0:oy1, ox0:ox0 + 1]
-    if ox1 < size:
-        out[oy0:oy1, ox1:] = out[oy0:oy1, ox1 - 1:ox1]
-    if oy0 > 0:
-        out[:oy0] = out[oy0:oy0 + 1]
-    if oy1 < size:
-        out[oy1:] = out[oy1 - 1:oy1]
+    _cut_clamped(image, math.floor(cx + 0.5) - half, math.floor(cy + 0.5) - half, out)
     return out
 
 

@@ -8,17 +8,41 @@ dispatcher's queue spills to disk instead.
 
 The ring's full-ring policy follows the source: ``block`` for files (a replay can wait),
 ``drop-oldest`` for live sources (a camera cannot), unless ``ring.policy`` says otherwise.
+Every frame is accounted for: ``frames_read`` (frames the source put into the ring) ==
+``frames_processed + frames_dropped + frames_unprocessed`` (the last is non-zero only when a
+run is stopped with frames still waiting in the ring).
+
+Stopping
+--------
+Ctrl-C (SIGINT) or SIGTERM asks the run to stop: the source stops, the tracker's live tracks
+are flushed (as truncated cells), the predictions of the clips already sent are awaited for
+up to ``STOP_WAIT_S`` (a second Ctrl-C stops waiting), every file is closed in a valid state
+and the manifest says ``interrupted``. A third Ctrl-C raises ``KeyboardInterrupt`` at once.
+
+Latency
+-------
+For every classified cell the pipeline records, on the host's monotonic clock, when the frame
+in which the cell was last seen (its exit frame) had been processed (``t_exit_s``) and when its
+prediction reached the collector (``t_pred_s``). ``latency_ms`` is their difference; its parts
+are ``track_ms`` (until the tracker closed the track), ``handoff_ms`` (features, files, clip
+store, until the clip was queued), ``queue_ms`` (dispatcher queue, until sent to a worker),
+``worker_wait_ms`` (micro-batching in the worker) and ``compute_ms`` (preprocessing excluded:
+the model's batch). The manifest's ``latency`` summarises them over the cells after warm-up:
+cells whose track closed before the workers first caught up with the queue (model loading,
+first-batch compilation) are left out and counted as ``n_warmup``.
 """
 from __future__ import annotations
 
+import itertools
+import math
 import multiprocessing as mp
-import os
 import queue as queue_mod
 import signal
 import sys
+import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,16 +53,45 @@ from .config import Config
 from .errors import EngineError, SourceError
 from .types import CellClip, Frame, Prediction
 
-__all__ = ["RunOptions", "RunSummary", "run_pipeline"]
+__all__ = ["RunOptions", "RunSummary", "run_pipeline", "latency_summary"]
+
+STOP_WAIT_S = 10.0        # after Ctrl-C: longest wait for predictions of clips already sent [s]
+CHECKPOINT_S = 10.0       # cells.parquet and manifest rewritten this often during a run [s]
+_FRAME_TIMES = 8192       # processed-frame times kept for the latency lookup (a ring)
 
 
 @dataclass
 class RunOptions:
-    """What to run and how; the config holds everything per stage."""
+    """What to run and how; the config holds everything per stage.
+
+    Parameters
+    ----------
+    source : str
+        A path or URI (see :func:`engine.sources.open_source`).
+    out : Path
+        The run folder.
+    speed : float, optional
+        Replay pacing: None as fast as possible, 1.0 the recorded rate, k k-times faster.
+        Live sources (cameras, a live simulator) pace themselves and ignore it.
+    loop, max_frames : int
+        Replay the source ``loop`` times; stop after ``max_frames`` frames.
+    write_clips, classify, model, workers : ...
+        clips.h5 on/off; classify with ``workers`` local workers and the model ``model``
+        ("" = ``model.path`` or the bundled demo model).
+    progress : bool
+        Show the live progress line on stderr.
+    background : str
+        An image file (.npy or image) to use as the background.
+    live : bool, optional
+        Force the live (drop-oldest) ring policy on or off.
+    throttle_s : float
+        Sleep this long [s] after every frame: a slow front end, for fault tests of frame
+        dropping. 0 in normal use.
+    """
 
     source: str
     out: Path
-    speed: float | None = None        # None: as fast as possible; 1.0: recorded rate
+    speed: float | None = None
     loop: int = 1
     max_frames: int | None = None
     write_clips: bool = True
@@ -46,8 +99,9 @@ class RunOptions:
     model: str = ""
     workers: int = 1
     progress: bool = True
-    background: str = ""              # an image file to use as the background
-    live: bool | None = None          # force the live (drop-oldest) policy on or off
+    background: str = ""
+    live: bool | None = None
+    throttle_s: float = 0.0
 
 
 @dataclass
@@ -56,6 +110,7 @@ class RunSummary:
     counts: dict = field(default_factory=dict)
     status: str = "complete"
     seconds: float = 0.0
+    latency: dict = field(default_factory=dict)
     report_headline: str = ""
 
 
@@ -63,36 +118,132 @@ class RunSummary:
 # The source process
 # --------------------------------------------------------------------------------------------
 
-def _source_main(spec: str, cfg: Config, ring_name: str, opts: dict, status_q) -> None:
-    """Child process: read the source and write its frames into the ring."""
+def _source_main(spec: str, cfg: Config, ring_name: str, opts: dict, status_q, stop_ev,
+                 go_ev) -> None:
+    """Child process: open the source, wait for ``go_ev`` (the front end is ready), then write
+    its frames into the ring until the end or until ``stop_ev`` is set; always closes the
+    stream and reports its counters or error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent handles Ctrl-C
     from .ringbuf import FrameRing
     from .sources import open_source
     from .sources.pacing import paced
     ring = None
+    src = None
+    report: dict[str, Any] = {"ok": True}
     try:
         ring = FrameRing.attach(ring_name)
         src = open_source(spec, cfg, **opts.get("source_options", {}))
         with src:
-            frames = src.frames()
-            if opts.get("speed") is not None:
-                frames = paced(frames, src.fps or cfg.camera.fps, opts["speed"])
-            n_max = opts.get("max_frames")
-            for i, frame in enumerate(frames):
-                if n_max is not None and i >= n_max:
+            while not go_ev.wait(0.2):
+                if stop_ev.is_set():
                     break
-                ring.put(frame)
-            status_q.put({"ok": True, "frames_read": src.stats.frames_read,
-                          "gaps": src.stats.gaps, "gap_events": src.stats.gap_events})
+            frames = src.frames()
+            pacer = None
+            if opts.get("speed") is not None and not src.live:   # a live source paces itself
+                frames = pacer = paced(frames, src.fps or cfg.camera.fps, opts["speed"])
+            for frame in itertools.islice(frames, opts.get("max_frames")):
+                if stop_ev.is_set():
+                    break
+                while not ring.put(frame, timeout=0.2):           # block policy: ring full
+                    if stop_ev.is_set():
+                        break
+            if pacer is not None:
+                report["pacer_max_behind_s"] = float(pacer.pacer.max_behind_s)
     except BaseException as exc:  # forwarded, never silent
-        status_q.put({"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                      "trace": traceback.format_exc()})
+        report = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                  "trace": traceback.format_exc()}
     finally:
+        if src is not None:
+            report.update(source_frames_read=src.stats.frames_read, gaps=src.stats.gaps,
+                          gap_events=src.stats.gap_events)
+        status_q.put(report)
         if ring is not None:
             try:
                 ring.close_writer()
             finally:
                 ring.close()
+
+
+def _clip_writer_main(path: str, meta: dict, clip_q, result_q) -> None:
+    """Child process: append the clips that arrive on ``clip_q`` to ``clips.h5`` until None.
+
+    Writing a clip costs milliseconds of HDF5 book-keeping and compression (measured 5-30 ms
+    a clip on the 2-core machine); here it runs beside the front end instead of inside its
+    frame loop. Keeps draining after an error so the parent never blocks; reports the number
+    written and the first error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent handles Ctrl-C
+    from .clipstore import ClipStoreWriter
+    n, error, writer = 0, "", None
+    try:
+        writer = ClipStoreWriter(path, meta)
+    except BaseException as exc:  # forwarded, never silent
+        error = f"{path}: {type(exc).__name__}: {exc}"
+    while True:
+        clip = clip_q.get()
+        if clip is None:
+            break
+        if writer is None or error:
+            continue
+        try:
+            writer.append(clip)
+            n += 1
+        except BaseException as exc:
+            error = f"{path}: clip {getattr(clip, 'cell_id', '?')}: {type(exc).__name__}: {exc}"
+    if writer is not None:
+        try:
+            writer.close()
+        except BaseException as exc:
+            error = error or f"{path}: closing: {type(exc).__name__}: {exc}"
+    result_q.put({"written": n, "error": error})
+
+
+class _ClipStoreProcess:
+    """``clips.h5`` written by a child process (see :func:`_clip_writer_main`)."""
+
+    def __init__(self, ctx, path: Path, meta: dict, backlog: int = 256):
+        self.q = ctx.Queue(maxsize=backlog)
+        self.result_q = ctx.Queue()
+        self.proc = ctx.Process(target=_clip_writer_main, name="fmh-clipstore",
+                                args=(str(path), meta, self.q, self.result_q), daemon=True)
+        self.proc.start()
+        self.sent = 0
+
+    def append(self, clip: CellClip) -> None:
+        while True:
+            try:
+                self.q.put(clip, timeout=1.0)
+                break
+            except queue_mod.Full:
+                if not self.proc.is_alive():
+                    raise EngineError("clip store process died") from None
+        self.sent += 1
+
+    def close(self, timeout: float = 120.0) -> dict:
+        """Send the end marker, wait for the writer; returns ``written`` and ``error``."""
+        try:
+            self.q.put(None, timeout=timeout)
+        except queue_mod.Full:
+            pass
+        out: dict = {}
+        deadline = time.monotonic() + timeout
+        while not out and time.monotonic() < deadline:
+            try:
+                out = self.result_q.get(timeout=0.2)
+            except queue_mod.Empty:
+                if not self.proc.is_alive():
+                    try:
+                        out = self.result_q.get(timeout=0.5)
+                    except queue_mod.Empty:
+                        out = {"written": 0, "error": "clip store process died "
+                               f"(exit code {self.proc.exitcode})"}
+        if not out:
+            out = {"written": 0, "error": f"clip store did not finish in {timeout:g} s"}
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.terminate()
+        self.q.close()
+        self.result_q.close()
+        return out
 
 
 def _describe_source(spec: str, cfg: Config, opts: dict) -> tuple[dict, tuple[int, int], bool, np.ndarray | None]:
@@ -106,6 +257,134 @@ def _describe_source(spec: str, cfg: Config, opts: dict) -> tuple[dict, tuple[in
 
 
 # --------------------------------------------------------------------------------------------
+# Stop requests (Ctrl-C, SIGTERM)
+# --------------------------------------------------------------------------------------------
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a request to stop (installed in the main thread only)."""
+
+    def __init__(self):
+        self.count = 0
+        self.why = ""
+        self._old: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+    def _handler(self, signum, _frame) -> None:
+        self.count += 1
+        self.why = self.why or signal.Signals(signum).name
+        if self.count >= 3:
+            raise KeyboardInterrupt
+
+    def install(self) -> "_Stop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Latency book-keeping
+# --------------------------------------------------------------------------------------------
+
+class _Latency:
+    """Per-cell times on the host's monotonic clock, joined with the dispatcher's timings."""
+
+    def __init__(self):
+        self._idx = np.full(_FRAME_TIMES, -1, np.int64)
+        self._t = np.zeros(_FRAME_TIMES, np.float64)
+        self.pending: dict[int, dict] = {}
+        self.n_submitted = 0
+        self.n_answered = 0
+        self.t_first_pred: float | None = None
+        self.t_warm: float | None = None      # first time every submitted clip was answered
+
+    def frame_done(self, index: int, t: float) -> None:
+        k = index % _FRAME_TIMES
+        self._idx[k] = index
+        self._t[k] = t
+
+    def frame_time(self, index: int) -> float | None:
+        k = index % _FRAME_TIMES
+        return float(self._t[k]) if self._idx[k] == index else None
+
+    def closed(self, clip: CellClip, close_frame: int, t_closed: float) -> dict:
+        exit_frame = int(clip.frame_indices[-1]) if len(clip.frame_indices) else close_frame
+        t_exit = self.frame_time(exit_frame)
+        return {"exit_frame": exit_frame, "close_frame": int(close_frame),
+                "t_exit_s": t_closed if t_exit is None else t_exit, "t_closed_s": t_closed}
+
+    def submitted(self, cell_id: int, rec: dict) -> None:
+        rec["t_submit_s"] = time.monotonic()
+        self.pending[cell_id] = rec
+        self.n_submitted += 1
+
+    def answered(self, pred: Prediction, dtimings: list | None) -> dict:
+        """Called from the dispatcher's thread with each prediction; returns its timing."""
+        t = time.monotonic()
+        rec = self.pending.pop(int(pred.cell_id), None) or {}
+        self.n_answered += 1
+        if self.t_first_pred is None:
+            self.t_first_pred = t
+        if self.t_warm is None and self.n_answered >= self.n_submitted:
+            self.t_warm = t
+        d = None
+        if dtimings and dtimings[-1].get("cell_id") == pred.cell_id:
+            d = dtimings.pop()            # keep the dispatcher's list short
+        out = {k: rec[k] for k in ("exit_frame", "close_frame") if k in rec}
+        out["t_pred_s"] = t
+        if "t_exit_s" in rec:
+            out["t_exit_s"] = rec["t_exit_s"]
+            out["t_closed_s"] = rec["t_closed_s"]
+            out["latency_ms"] = (t - rec["t_exit_s"]) * 1e3
+            out["track_ms"] = (rec["t_closed_s"] - rec["t_exit_s"]) * 1e3
+            out["handoff_ms"] = (rec["t_submit_s"] - rec["t_closed_s"]) * 1e3
+        if d is not None:
+            out.update(queue_ms=d.get("queue_ms"), worker_wait_ms=d.get("worker_wait_ms"),
+                       compute_ms=d.get("compute_ms"), attempts=int(d.get("attempts", 1)))
+        return out
+
+
+def _q(values: list[float], qs=(50, 99)) -> dict:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    if not len(v):
+        return {"n": 0}
+    out = {f"p{q}": round(float(np.percentile(v, q)), 3) for q in qs}
+    out.update(max=round(float(v.max()), 3), mean=round(float(v.mean()), 3), n=int(len(v)))
+    return out
+
+
+def latency_summary(timings: dict[int, dict], t_warm: float | None,
+                    t_first_pred: float | None) -> dict:
+    """p50/p99/max of the latency and its parts over the cells after warm-up.
+
+    Warm-up: cells whose track closed before ``t_warm`` (the first moment every clip sent so
+    far had been answered), or, if the workers never caught up, before the first prediction.
+    """
+    cut = t_warm if t_warm is not None else t_first_pred
+    recs = [r for r in timings.values() if r.get("latency_ms") is not None]
+    warm = [r for r in recs if cut is None or r.get("t_closed_s", r.get("t_exit_s", 0)) >= cut]
+    out: dict[str, Any] = {
+        "definition": "host-monotonic time from the end of processing of the frame in which "
+                      "the cell was last seen to its prediction at the collector; warm-up "
+                      "(cells closed before the workers first caught up) excluded",
+        "n_cells": len(recs), "n_warmup": len(recs) - len(warm),
+        "total_ms": _q([r["latency_ms"] for r in warm]),
+    }
+    for part in ("track_ms", "handoff_ms", "queue_ms", "worker_wait_ms", "compute_ms"):
+        out[part] = _q([r.get(part) for r in warm])
+    out["total_ms_with_warmup"] = _q([r["latency_ms"] for r in recs])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The main loop
 # --------------------------------------------------------------------------------------------
 
@@ -113,17 +392,34 @@ def run_pipeline(cfg: Config, opts: RunOptions,
                  on_status: Callable[[dict], None] | None = None) -> RunSummary:
     """Run detection (and classification when ``opts.classify``) over one source.
 
-    Returns a :class:`RunSummary`; the files are in ``opts.out``. Ctrl-C stops the run
-    cleanly: every finished cell is written and the manifest says ``interrupted``.
+    Parameters
+    ----------
+    cfg : Config
+    opts : RunOptions
+    on_status : callable(dict), optional
+        Called about twice a second with the counts so far (frames, cells, dropped, queue,
+        predictions, fetal).
+
+    Returns
+    -------
+    RunSummary
+        Status ``complete`` or ``interrupted``; the files are in ``opts.out``.
+
+    Raises
+    ------
+    EngineError
+        A bad source, output folder or model (before anything runs), or a run that failed
+        (the files then hold everything done until the failure, manifest status ``failed``).
     """
     from .detect.frontend import FrontEnd
-    from .features import compute_features
     from .ringbuf import FrameRing
     from .runfiles import RunFiles
     from .track.linker import Linker
 
     t_start = time.perf_counter()
     out = Path(opts.out)
+    if opts.throttle_s < 0 or not math.isfinite(opts.throttle_s):
+        raise EngineError(f"throttle_s={opts.throttle_s}: must be >= 0")
     desc, shape, live, recorded_bg = _describe_source(opts.source, cfg, {})
     if opts.live is not None:
         live = opts.live
@@ -136,8 +432,8 @@ def run_pipeline(cfg: Config, opts: RunOptions,
     model_info: dict[str, Any] = {}
     artefact = None
     if opts.classify:
-        from .infer.artefact import ModelArtefact, default_model_path
-        artefact = ModelArtefact.load(opts.model or cfg.model.path or default_model_path())
+        from .infer.artefact import ModelArtefact
+        artefact = ModelArtefact.load(opts.model or cfg.model.path or None)
         model_info = {"path": str(artefact.path), "model_id": artefact.model_id,
                       "sha256": artefact.sha256,
                       "trained_on": artefact.meta.get("trained_on", ""),
@@ -148,127 +444,249 @@ def run_pipeline(cfg: Config, opts: RunOptions,
     files = RunFiles(out, {
         "software": {"name": "fmh-engine", "version": __version__, "python": sys.version.split()[0]},
         "config": cfg.to_dict(), "config_source": cfg.source,
-        "source": {"spec": opts.source, **desc, "policy": policy},
+        "source": {"spec": opts.source, **desc, "policy": policy, "speed": opts.speed,
+                   "loop": opts.loop, "max_frames": opts.max_frames},
         "model": model_info,
-    })
+    }, classify=opts.classify)
+    for stale in ("report.md", "report.json") + (() if opts.write_clips else ("clips.h5",)):
+        (out / stale).unlink(missing_ok=True)          # from an earlier run in this folder
 
-    clip_store = None
-    if opts.write_clips:
-        from .clipstore import ClipStoreWriter
-        clip_store = ClipStoreWriter(out / "clips.h5", {"source": opts.source,
-                                                        "software": f"fmh-engine {__version__}"})
-
-    dispatcher = workers = None
-    if opts.classify:
-        from .dispatch import Dispatcher, spawn_workers
-        dispatcher = Dispatcher(cfg, on_prediction=files.add_prediction,
-                                spill_dir=Path(cfg.serving.spill_dir or out / "spill"))
-        dispatcher.start()
-        # The workers see the run's serving and model settings, not just the defaults.
-        overrides = [f"{sec}.{k}={_yaml_scalar(v)}" for sec in ("serving", "model")
-                     for k, v in cfg.to_dict()[sec].items()]
-        workers = spawn_workers(str(artefact.path), dispatcher.endpoint, opts.workers,
-                                overrides=overrides)
-        if opts.progress:
-            print(f"fmh: live predictions published on {dispatcher.pub_endpoint}", file=sys.stderr)
-
-    ring = FrameRing.create(shape=shape, slots=cfg.ring.slots, policy=policy)
-    ctx = mp.get_context("spawn")
-    status_q = ctx.Queue()
-    child_opts = {"speed": opts.speed, "max_frames": opts.max_frames,
-                  "source_options": {"loop": opts.loop} if opts.loop != 1 else {}}
-    proc = ctx.Process(target=_source_main, name="fmh-source",
-                       args=(opts.source, cfg, ring.name, child_opts, status_q), daemon=True)
-    proc.start()
-
-    frontend = FrontEnd(cfg, background=background)
-    linker = None
+    stop = _Stop().install()
+    lat = _Latency()
+    timing: dict[str, float] = {}
+    clip_store = dispatcher = workers = ring = proc = None
+    status_q = stop_ev = None
+    frontend = linker = geometry = None
     n_frames = 0
-    status = "complete"
-    error = ""
+    status, error = "complete", ""
     progress = _Progress(opts.progress, desc.get("n_frames"), opts.max_frames, opts.loop)
-    geometry = None
-
-    def emit(clips: list[CellClip]) -> None:
-        for clip in clips:
-            feats = compute_features(clip, geometry, cfg)
-            clip = _with_features(clip, feats)
-            files.add_clip(clip)
-            if clip_store is not None:
-                clip_store.append(clip)
-            if dispatcher is not None:
-                dispatcher.submit(clip)
-
     try:
-        frames_iter = _ring_frames(ring, proc)
+        ctx = mp.get_context("spawn")
+        if opts.write_clips:
+            clip_store = _ClipStoreProcess(ctx, out / "clips.h5",
+                                           {"source": opts.source, "config": cfg.to_dict()})
+        if opts.classify:
+            from .dispatch import Dispatcher, spawn_workers
+
+            def on_prediction(pred: Prediction) -> None:
+                files.add_prediction(pred, lat.answered(pred, dispatcher.timings))
+
+            dispatcher = Dispatcher(cfg, on_prediction=on_prediction, record_timings=True,
+                                    spill_dir=Path(cfg.serving.spill_dir or out / "spill"))
+            dispatcher.start()
+            # The workers see the run's serving and model settings, not just the defaults.
+            overrides = [f"{sec}.{k}={_yaml_scalar(v)}" for sec in ("serving", "model")
+                         for k, v in cfg.to_dict()[sec].items()]
+            workers = spawn_workers(str(artefact.path), dispatcher.endpoint, opts.workers,
+                                    overrides=overrides)
+            if opts.progress:
+                print(f"fmh: live predictions published on {dispatcher.pub_endpoint}",
+                      file=sys.stderr)
+
+        ring = FrameRing.create(shape=shape, slots=cfg.ring.slots, policy=policy)
+        status_q, stop_ev, go_ev = ctx.Queue(), ctx.Event(), ctx.Event()
+        child_opts = {"speed": opts.speed, "max_frames": opts.max_frames,
+                      "source_options": {"loop": opts.loop} if opts.loop != 1 else {}}
+        proc = ctx.Process(target=_source_main, name="fmh-source",
+                           args=(opts.source, cfg, ring.name, child_opts, status_q, stop_ev,
+                                 go_ev), daemon=True)
+        proc.start()
+
+        # Load the compiled kernels while the source process starts, so that a live source
+        # does not overrun the ring while the first frames compile; then let it go.
+        t0 = time.perf_counter()
+        _warm_up(cfg, shape)
+        frontend = FrontEnd(cfg, background=background)
+        go_ev.set()
+        timing["warm_up_s"] = round(time.perf_counter() - t0, 3)
+        timing["t_go_s"] = round(time.perf_counter() - t_start, 3)
+        frames_iter = _ring_frames(ring, proc, stop)
         if background is None:
-            sample, frames_iter = _take_primer(frames_iter, cfg)
-            frontend.prime([f.image for f in sample])
+            sample, frames_iter = _take_primer(frames_iter, cfg, stop)
+            if sample:
+                t0 = time.perf_counter()
+                frontend.prime([f.image for f in sample])
+                timing["prime_s"] = round(time.perf_counter() - t0, 3)
+            del sample
         geometry = frontend.geometry
         linker = Linker(cfg, geometry)
+
+        def emit(clips: list[CellClip], close_frame: int) -> None:
+            t_closed = time.monotonic()
+            for clip in clips:
+                if not clip.features:
+                    from .features import compute_features
+                    clip = replace(clip, features=compute_features(clip, geometry, cfg))
+                files.add_clip(clip)
+                if clip_store is not None:
+                    clip_store.append(clip)
+                if dispatcher is not None:
+                    lat.submitted(int(clip.cell_id), lat.closed(clip, close_frame, t_closed))
+                    dispatcher.submit(_for_wire(clip))
+
+        next_checkpoint = time.monotonic() + CHECKPOINT_S
+        last_index = -1
         for frame in frames_iter:
             blobs = frontend.process(frame)
-            emit(linker.next_level(frame, blobs))
+            finished = linker.next_level(frame, blobs)
+            now = time.monotonic()
+            lat.frame_done(frame.index, now)
+            last_index = frame.index
+            if finished:
+                emit(finished, frame.index)
             n_frames += 1
-            if progress.due(n_frames):
-                progress.update(n_frames, files, dispatcher, ring)
-        emit(linker.flush())
-    except KeyboardInterrupt:
+            if opts.throttle_s:
+                time.sleep(opts.throttle_s)
+            if progress.due(now, on_status is not None):
+                st = _status(n_frames, files, dispatcher, ring)
+                progress.update(st)
+                if on_status is not None:
+                    on_status(st)
+            if now >= next_checkpoint:
+                files.checkpoint(frames_processed=n_frames, cells_tracked=files.n_cells)
+                next_checkpoint = now + CHECKPOINT_S
+        emit(linker.flush(), last_index)
+        if stop.requested:
+            status = "interrupted"
+    except KeyboardInterrupt:              # the third Ctrl-C: stop now, still close the files
         status = "interrupted"
-        if linker is not None:
-            emit(linker.flush())
     except EngineError as exc:
         status, error = "failed", str(exc)
+    except BaseException as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
     finally:
-        if proc.is_alive() and status != "complete":
-            proc.terminate()
-        proc.join(timeout=10)
-        src_status = _drain(status_q)
-        if status == "complete" and src_status and not src_status.get("ok", True):
-            status, error = "failed", src_status.get("error", "source failed")
-        ring_stats = dict(ring.stats)
-        ring.close()
-        ring.unlink()
-        if clip_store is not None:
-            clip_store.close()
-        disp_counts = {}
-        if dispatcher is not None:
-            try:
-                dispatcher.close(timeout=None if status == "complete" else 30)
-            finally:
-                disp_counts = dict(dispatcher.counts)
-                from .dispatch import stop_workers
-                stop_workers(workers)
-        progress.close()
-        counts = {
-            "frames_read": int(src_status.get("frames_read", n_frames)) if src_status else n_frames,
-            "frames_processed": n_frames,
-            "frames_dropped": int(ring_stats.get("dropped", 0)),
-            "frame_gaps": int(src_status.get("gaps", 0)) if src_status else 0,
-            "cells_tracked": files.n_cells,
-            "clips_sent": int(disp_counts.get("submitted", 0)),
-            "clips_spilled": int(disp_counts.get("spilled", 0)),
-            "clips_resent": int(disp_counts.get("resent", 0)),
-            "predictions": int(disp_counts.get("answered", 0)),
-            "errors": int(disp_counts.get("errors", 0)),
-        }
-        counts.update({f"frontend_{k}": v for k, v in getattr(frontend, "stats", {}).items()
-                       if isinstance(v, (int, float))})
-        if linker is not None:
-            counts.update({f"tracker_{k}": v for k, v in getattr(linker, "stats", {}).items()
-                           if isinstance(v, (int, float))})
+        counts, extra = _shut_down(status, error, stop, files, clip_store, dispatcher, workers,
+                                   ring, proc, status_q, stop_ev, frontend, linker, geometry,
+                                   n_frames, lat, progress)
+        status, error = extra.pop("_status"), extra.get("error", "")
+        timing["seconds"] = round(time.perf_counter() - t_start, 3)
         files.update_counts(**counts)
-        extra = {"geometry": geometry.to_dict() if geometry is not None else None,
-                 "ring": ring_stats, "dispatcher": disp_counts}
-        if error:
-            extra["error"] = error
-        extra["background"] = getattr(frontend, "background_info", {})
-        files.close(status, **extra)
+        files.close(status, timing=timing, **extra)
+        stop.restore()
     summary = RunSummary(out=out, counts=files.manifest["counts"], status=status,
-                         seconds=time.perf_counter() - t_start)
+                         seconds=time.perf_counter() - t_start,
+                         latency=files.manifest.get("latency", {}))
     if status == "failed":
         raise EngineError(f"{opts.source}: run failed: {error} (partial results in {out})")
     return summary
+
+
+def _shut_down(status, error, stop, files, clip_store, dispatcher, workers, ring, proc,
+               status_q, stop_ev, frontend, linker, geometry, n_frames, lat, progress):
+    """Stop the source, close the ring and the clip store, collect the predictions of the
+    clips already sent, stop the workers; returns the manifest's counts and extra fields."""
+    src_status: dict = {}
+    if proc is not None:
+        if status != "complete" or stop.requested:
+            stop_ev.set()
+        src_status = _join_source(proc, status_q)
+    if src_status and not src_status.get("ok", True) and status != "interrupted":
+        # the source's error is the cause of whatever the main loop saw afterwards
+        status, error = "failed", f"source: {src_status.get('error', 'failed')}"
+    ring_stats: dict = {}
+    if ring is not None:
+        ring_stats = dict(ring.stats)
+        ring.close()
+        ring.unlink()
+    clips_written = None
+    if clip_store is not None:
+        res = clip_store.close()
+        clips_written = int(res.get("written", 0))
+        if res.get("error") and status != "failed":
+            status, error = "failed", f"clips.h5: {res['error']}"
+    disp_counts: dict = {}
+    if dispatcher is not None:
+        if status == "complete":
+            timeout = None
+        else:
+            # Wait a little for the clips already sent; a second Ctrl-C stops waiting.
+            deadline = time.monotonic() + STOP_WAIT_S
+            first = stop.count
+            while (time.monotonic() < deadline and stop.count <= max(first, 1)
+                   and dispatcher.counts.get("outstanding", 0)):
+                time.sleep(0.05)
+            timeout = 0.0
+        try:
+            dispatcher.close(timeout=timeout)
+        except EngineError as exc:
+            status, error = "failed", error or str(exc)
+        finally:
+            disp_counts = dict(dispatcher.counts)
+            from .dispatch import stop_workers
+            stop_workers(workers)
+            spill = dispatcher.spill_dir
+            if spill is not None and spill.is_dir() and not any(spill.iterdir()):
+                spill.rmdir()                    # nothing left on disk: no empty folder
+    progress.close()
+    written = int(ring_stats.get("written", 0))
+    dropped = int(ring_stats.get("dropped", 0))
+    counts = {
+        "frames_read": written,
+        "frames_processed": n_frames,
+        "frames_dropped": dropped,
+        "frames_unprocessed": max(0, written - n_frames - dropped),
+        "frame_gaps": int(src_status.get("gaps", 0)),
+        "cells_tracked": files.n_cells,
+        "clips_written": clips_written,
+        "clips_sent": int(disp_counts.get("submitted", 0)),
+        "clips_spilled": int(disp_counts.get("spilled", 0)),
+        "clips_resent": int(disp_counts.get("resent", 0)),
+        "predictions": int(disp_counts.get("answered", 0)) - int(disp_counts.get("errors", 0)),
+        "errors": int(disp_counts.get("errors", 0)),
+        "unanswered": int(disp_counts.get("unanswered", 0)),
+    }
+    if frontend is not None:
+        counts.update({f"frontend_{k}": v for k, v in frontend.stats.items()
+                       if isinstance(v, (int, float))})
+    if linker is not None:
+        counts.update({f"tracker_{k}": v for k, v in getattr(linker, "stats", {}).items()
+                       if isinstance(v, (int, float))})
+    extra: dict[str, Any] = {
+        "_status": status,
+        "geometry": geometry.to_dict() if geometry is not None else None,
+        "ring": ring_stats, "dispatcher": disp_counts,
+        "source_status": {k: v for k, v in src_status.items() if k != "trace"},
+        "background": frontend.background_info if frontend is not None else {},
+    }
+    if stop.requested:
+        extra["stopped_by"] = stop.why
+    if dispatcher is not None:
+        extra["latency"] = latency_summary(files.timings(), lat.t_warm, lat.t_first_pred)
+    if error:
+        extra["error"] = error
+    return counts, extra
+
+
+def _join_source(proc, status_q, timeout: float = 15.0) -> dict:
+    """Collect the source's report while it exits (draining first, so it can flush)."""
+    out: dict = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            out.update(status_q.get(timeout=0.1))
+        except (queue_mod.Empty, EOFError, OSError):
+            pass
+        if not proc.is_alive() or time.monotonic() > deadline:
+            break
+    if proc.is_alive():
+        proc.terminate()
+        out.setdefault("error", "source process did not stop; terminated")
+    proc.join(timeout=5)
+    try:
+        while True:
+            out.update(status_q.get_nowait())
+    except (queue_mod.Empty, EOFError, OSError):
+        pass
+    return out
+
+
+def _for_wire(clip: CellClip) -> CellClip:
+    """The clip as sent to the workers: only its finite features (the workers do not need
+    them; engine.wire encodes NaN as null and its validation then rejects the clip)."""
+    feats = {k: float(v) for k, v in clip.features.items()
+             if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(v)}
+    return clip if len(feats) == len(clip.features) else replace(clip, features=feats)
 
 
 def _yaml_scalar(v) -> str:
@@ -276,20 +694,19 @@ def _yaml_scalar(v) -> str:
     return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def _with_features(clip: CellClip, feats: dict) -> CellClip:
-    from dataclasses import replace
-    merged = dict(clip.features)
-    merged.update(feats)
-    return replace(clip, features=merged)
+def _ring_frames(ring, proc, stop: _Stop):
+    """Frames from the ring until end of stream or a stop request.
 
-
-def _ring_frames(ring, proc):
-    """Frames from the ring until end of stream; copies each image (the slot is reused)."""
-    while True:
-        frame = ring.get(timeout=0.5)
+    With the ``block`` policy an image is a view into its slot, valid until the next frame is
+    asked for; consumers that keep pixels copy them.
+    """
+    while not stop.requested:
+        frame = ring.get(timeout=0.2)
         if frame is None:
-            if getattr(ring, "eos", True) or not proc.is_alive():
-                # Either end of stream, or the writer died: drain what is left then stop.
+            if ring.eos:
+                return
+            if not proc.is_alive():
+                # The writer died: take what it committed, then stop.
                 frame = ring.get(timeout=0)
                 if frame is None:
                     return
@@ -298,8 +715,38 @@ def _ring_frames(ring, proc):
         yield frame
 
 
-def _take_primer(frames_iter, cfg: Config):
-    """The first frames, sampled for the background (report: 100 frames)."""
+def _warm_up(cfg: Config, shape: tuple[int, int]) -> None:
+    """Run the front end and the tracker once on synthetic frames (a dark disc moving over a
+    flat grey field) so that every compiled kernel is loaded before real frames arrive."""
+    from .detect.frontend import FrontEnd
+    from .track.linker import Linker
+    h, w = shape
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = max(3.0, min(h, w) / 10)
+    frames = []
+    for k in range(6):
+        img = np.clip(rng.normal(128, 1.5, (h, w)), 0, 255).astype(np.uint8)
+        cx = w * (0.2 + 0.1 * k)
+        img[(xx - cx) ** 2 + (yy - h / 2) ** 2 < r * r] = 60
+        frames.append(Frame(k, k, img))
+    try:
+        fe = FrontEnd(cfg)
+        fe.prime([f.image for f in frames] + [np.full((h, w), 128, np.uint8)] * 4)
+        linker = Linker(cfg, fe.geometry)
+        for f in frames:
+            linker.next_level(f, fe.process(f))
+        linker.flush()
+    except EngineError:           # a frame size the kernels cannot warm up on: no harm
+        pass
+
+
+def _take_primer(frames_iter, cfg: Config, stop: _Stop):
+    """The first frames, sampled for the background (report: 100 frames): every 4th of the
+    first 400, so that cells have moved between samples (the first 100 in a row hold the
+    same cells and make a slower, masked median: measured, more frames dropped on a live
+    source). Later frames wait in the ring meanwhile; the front end's running background
+    keeps the background current afterwards."""
     n = cfg.frontend.bg_frames
     stride = 4
     held: list[Frame] = []
@@ -308,29 +755,16 @@ def _take_primer(frames_iter, cfg: Config):
         if len(held) >= n * stride:
             break
     sample = held[::stride] if len(held) >= 3 * stride else held
-    if len(sample) < 3:
+    if len(sample) < 3 and not stop.requested and len(held) < 3:
         raise SourceError(f"too few frames ({len(held)}) to build a background; "
                           "give one with --background")
-    return sample, _chain(held, frames_iter)
-
-
-def _chain(*iters):
-    for it in iters:
-        yield from it
-
-
-def _drain(q) -> dict:
-    out: dict = {}
-    try:
-        while True:
-            out.update(q.get(timeout=0.2))
-    except (queue_mod.Empty, EOFError, OSError):
-        pass
-    return out
+    return sample, itertools.chain(held, frames_iter)
 
 
 def _load_background(path: str, shape: tuple[int, int]) -> np.ndarray:
     p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"--background {p}: no such file")
     try:
         if p.suffix == ".npy":
             img = np.load(p)
@@ -340,14 +774,27 @@ def _load_background(path: str, shape: tuple[int, int]) -> np.ndarray:
             if img is None:
                 raise OSError("not an image OpenCV can read")
     except (OSError, ValueError) as exc:
-        raise SourceError(f"{p}: cannot read background image ({exc})") from None
+        raise SourceError(f"--background {p}: cannot read the image ({exc})") from None
     if img.shape != tuple(shape):
-        raise SourceError(f"{p}: background shape {img.shape} differs from the frames' {shape}")
+        raise SourceError(f"--background {p}: shape {img.shape} differs from the frames' {shape}")
     return np.asarray(img, dtype=np.uint8)
 
 
+def _status(n_frames: int, files, dispatcher, ring) -> dict:
+    st = {"t": time.monotonic(), "frames": n_frames, "cells": files.n_cells,
+          "dropped": int(ring.stats.get("dropped", 0))}
+    if dispatcher is not None:
+        c = dispatcher.counts
+        n = files.n_predictions - files.n_errors
+        st.update(queue=int(c.get("queued", 0)), spilled=int(c.get("spilled", 0)),
+                  predictions=files.n_predictions, errors=files.n_errors,
+                  fetal=files.n_fetal, fetal_fraction=(files.n_fetal / n) if n else None)
+    return st
+
+
 class _Progress:
-    """A live progress line: frames/s, cells, queue depth, dropped frames, predictions, fraction."""
+    """A live progress line: frames/s, cells, queue depth, dropped frames, predictions,
+    running fetal fraction."""
 
     def __init__(self, enabled: bool, n_frames, max_frames, loop):
         self.enabled = enabled
@@ -357,33 +804,31 @@ class _Progress:
         if max_frames:
             total = min(total, max_frames) if total else max_frames
         self.bar = None
-        self.t0 = time.perf_counter()
         self.last = 0.0
+        self.n_done = 0
         if enabled:
             from tqdm import tqdm
             self.bar = tqdm(total=total, unit="frame", dynamic_ncols=True, file=sys.stderr,
                             mininterval=0.5)
-        self.n_done = 0
 
-    def due(self, n: int) -> bool:
-        if not self.enabled:
+    def due(self, now: float, always: bool = False) -> bool:
+        if not (self.enabled or always):
             return False
-        now = time.perf_counter()
         if now - self.last >= 0.5:
             self.last = now
             return True
         return False
 
-    def update(self, n: int, files, dispatcher, ring) -> None:
-        self.bar.update(n - self.n_done)
-        self.n_done = n
-        post = {"cells": files.n_cells, "dropped": ring.stats.get("dropped", 0)}
-        if dispatcher is not None:
-            c = dispatcher.counts
-            preds = files.predictions()
-            fetal = sum(1 for p in preds.values() if p.label == "fetal")
-            post.update(queue=c.get("queued", 0), preds=len(preds),
-                        fetal=f"{fetal / len(preds):.3f}" if preds else "-")
+    def update(self, st: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(st["frames"] - self.n_done)
+        self.n_done = st["frames"]
+        post = {"cells": st["cells"], "dropped": st["dropped"]}
+        if "queue" in st:
+            ff = st["fetal_fraction"]
+            post.update(queue=st["queue"], preds=st["predictions"],
+                        fetal="-" if ff is None else f"{ff:.3f}")
         self.bar.set_postfix(post, refresh=False)
 
     def close(self) -> None:

@@ -41,4 +41,9 @@ def print_summary(summary, verb: str) -> None:
           + (f", {c.get('predictions', 0)} predictions, {c.get('errors', 0)} errors"
              if "predictions" in c and c.get("clips_sent") else "")
           + f" in {summary.seconds:.1f} s")
+    tot = (getattr(summary, "latency", None) or {}).get("total_ms") or {}
+    if tot.get("n"):
+        print(f"fmh {verb}: latency exit frame -> prediction: p50 {tot['p50']:.1f} ms, "
+              f"p99 {tot['p99']:.1f} ms, max {tot['max']:.1f} ms over {tot['n']} cells "
+              f"(warm-up excluded)")
     print(f"fmh {verb}: files in {summary.out}")

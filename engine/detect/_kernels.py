@@ -104,6 +104,7 @@ def threshold_runs(img, lo, hi, off, runs, chunk_any):
     cap = runs.shape[0]
     nchunk = (W + 31) // 32
     nfull = W // 32
+    # (slices are indexed from 0, which lets Numba drop its negative-index checks)
     for y in range(H):
         row = img[y]
         rlo = lo[y]
@@ -111,18 +112,25 @@ def threshold_runs(img, lo, hi, off, runs, chunk_any):
         anyrow = 0
         for c in range(nfull):
             a = c * 32
+            r = row[a:a + 32]
+            l = rlo[a:a + 32]
+            h = rhi[a:a + 32]
             m = np.int16(0)
             for t in range(32):            # fixed trip count: LLVM vectorises it
-                v = np.int16(row[a + t]) - off
-                m = max(m, np.int16(rlo[a + t] - v), np.int16(v - rhi[a + t]))
+                v = np.int16(np.int16(r[t]) - off)
+                m = max(m, np.int16(l[t] - v), np.int16(v - h[t]))
             f = 1 if m > 0 else 0
             chunk_any[c] = f
             anyrow |= f
         if nfull < nchunk:                 # the ragged tail
+            a = nfull * 32
+            r = row[a:W]
+            l = rlo[a:W]
+            h = rhi[a:W]
             m = np.int16(0)
-            for x in range(nfull * 32, W):
-                v = np.int16(row[x]) - off
-                m = max(m, np.int16(rlo[x] - v), np.int16(v - rhi[x]))
+            for t in range(W - a):
+                v = np.int16(np.int16(r[t]) - off)
+                m = max(m, np.int16(l[t] - v), np.int16(v - h[t]))
             f = 1 if m > 0 else 0
             chunk_any[nfull] = f
             anyrow |= f
@@ -143,18 +151,21 @@ def threshold_runs(img, lo, hi, off, runs, chunk_any):
                     n += 1
                     inrun = False
                 continue
-            for x in range(a, b):
-                v = np.int16(row[x]) - off
-                if v < rlo[x] or v > rhi[x]:
+            r = row[a:b]
+            l = rlo[a:b]
+            h = rhi[a:b]
+            for t in range(b - a):
+                v = np.int16(np.int16(r[t]) - off)
+                if v < l[t] or v > h[t]:
                     if not inrun:
                         inrun = True
-                        s = x
+                        s = a + t
                 elif inrun:
                     if n >= cap:
                         return -1
                     runs[n, 0] = y
                     runs[n, 1] = s
-                    runs[n, 2] = x
+                    runs[n, 2] = a + t
                     n += 1
                     inrun = False
         if inrun:
@@ -308,16 +319,19 @@ def perimeter_from_labels(lab, stats, row0, weights):
     H, W = lab.shape
     border = np.zeros((H, W), np.uint8)
     for y in range(H):
+        row = lab[y]
+        brow = border[y]
         for x in range(W):
-            L = lab[y, x]
+            L = row[x]
             if L == 0:
                 continue
             if (y == 0 or lab[y - 1, x] != L or y == H - 1 or lab[y + 1, x] != L
-                    or x == 0 or lab[y, x - 1] != L or x == W - 1 or lab[y, x + 1] != L):
-                border[y, x] = 1
+                    or x == 0 or row[x - 1] != L or x == W - 1 or row[x + 1] != L):
+                brow[x] = 1
     for y in range(H):
+        brow = border[y]
         for x in range(W):
-            if border[y, x] == 0:
+            if brow[x] == 0:
                 continue
             L = lab[y, x]
             code = 1
@@ -569,18 +583,24 @@ def split_neck(lab, L, new, ratio):
     last_x = np.full(H, -1, np.int64)
     bx0, bx1, by0, by1 = W, -1, H, -1
     for y in range(H):
+        row = lab[y]
+        fx = W
+        lx = -1
         for x in range(W):
-            if lab[y, x] == L:
+            if row[x] == L:
                 if y < first_y[x]:
                     first_y[x] = y
                 last_y[x] = y
-                if x < first_x[y]:
-                    first_x[y] = x
-                last_x[y] = x
-                bx0 = min(bx0, x)
-                bx1 = max(bx1, x)
-                by0 = min(by0, y)
-                by1 = max(by1, y)
+                if fx == W:
+                    fx = x
+                lx = x
+        if lx >= 0:
+            first_x[y] = fx
+            last_x[y] = lx
+            bx0 = min(bx0, fx)
+            bx1 = max(bx1, lx)
+            by0 = min(by0, y)
+            by1 = y
     for x in range(W):
         ext_x[x] = last_y[x] - first_y[x] + 1 if last_y[x] >= 0 else 0
     for y in range(H):
@@ -617,10 +637,18 @@ def split_neck(lab, L, new, ratio):
                 cut = c
     if axis < 0:
         return False
-    for y in range(H):
-        for x in range(W):
-            if lab[y, x] == L and ((axis == 0 and x >= cut) or (axis == 1 and y >= cut)):
-                lab[y, x] = new
+    if axis == 0:
+        for y in range(H):
+            row = lab[y]
+            for x in range(cut, W):
+                if row[x] == L:
+                    row[x] = new
+    else:
+        for y in range(cut, H):
+            row = lab[y]
+            for x in range(W):
+                if row[x] == L:
+                    row[x] = new
     return True
 
 
@@ -731,7 +759,7 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
                     roi[i, 3] = max(roi[i, 3], roi[j, 3])
                     alive[j] = False
                     changed = True
-    # ---- 3. smoothed threshold inside each region
+    # ---- 3. low threshold inside each region
     nk = kern.shape[0]
     rad = nk // 2
     ksum = 0
@@ -740,8 +768,6 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
     offs = np.int64(off) * ksum * ksum
     nout = 0
     cap = stats.shape[0]
-    cap_runs = runs.shape[0]
-    run_strong = np.empty(cap_runs, np.int64)
     for q in range(nr):
         if not alive[q]:
             continue
@@ -751,148 +777,148 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
         y1 = roi[q, 3]
         h = y1 - y0
         w = x1 - x0
-        direct = nk == 1 and not holes
-        if direct:
-            # one pass: low-threshold runs straight from the frame, seed pixels counted per run
-            nrr = 0
+        # the region's mask with a one-pixel frame of zeros (outside the region = background)
+        mp = np.zeros((h + 2, w + 2), np.uint8)
+        mask = mp[1:h + 1, 1:w + 1]
+        if nk == 1:
+            # no smoothing: the low threshold is folded into lo_w/hi_w like the seeds';
+            # branch-free, so LLVM vectorises the row
+            # (rows are sliced first: indices from 0 let Numba drop its wraparound checks)
             for yy in range(h):
-                y = y0 + yy
-                row = img[y]
-                rl = lo_w[y]
-                rh = hi_w[y]
-                sl = lo[y]
-                sh = hi[y]
-                inrun = False
-                s0 = 0
-                cnt = 0
-                for x in range(x0, x1):
-                    v = np.int16(row[x]) - off
-                    if v < rl[x] or v > rh[x]:
-                        if not inrun:
-                            inrun = True
-                            s0 = x
-                            cnt = 0
-                        if v < sl[x] or v > sh[x]:
-                            cnt += 1
-                    elif inrun:
-                        if nrr >= cap_runs:
-                            return -1
-                        runs[nrr, 0] = y
-                        runs[nrr, 1] = s0
-                        runs[nrr, 2] = x
-                        run_strong[nrr] = cnt
-                        nrr += 1
-                        inrun = False
-                if inrun:
-                    if nrr >= cap_runs:
-                        return -1
-                    runs[nrr, 0] = y
-                    runs[nrr, 1] = s0
-                    runs[nrr, 2] = x1
-                    run_strong[nrr] = cnt
-                    nrr += 1
+                row = img[y0 + yy, x0:x1]
+                rl = lo_w[y0 + yy, x0:x1]
+                rh = hi_w[y0 + yy, x0:x1]
+                mrow = mp[yy + 1, 1:w + 1]
+                for xx in range(w):
+                    v = np.int16(np.int16(row[xx]) - off)
+                    mrow[xx] = np.uint8((v < rl[xx]) | (v > rh[xx]))
         else:
-            mask = np.zeros((h, w), np.uint8)
-            if nk == 1:
-                # no smoothing: the low threshold is folded into lo_w/hi_w like the seeds'
-                for yy in range(h):
-                    row = img[y0 + yy]
-                    rl = lo_w[y0 + yy]
-                    rh = hi_w[y0 + yy]
-                    mrow = mask[yy]
+            # horizontal pass over the rows the vertical pass needs (clamped at the image edge)
+            hs = np.zeros((h + 2 * rad, w), np.int32)
+            prow = np.empty(w + 2 * rad, np.int32)
+            for yy in range(h + 2 * rad):
+                ys = min(max(y0 + yy - rad, 0), H - 1)
+                row = img[ys]
+                for xx in range(w + 2 * rad):
+                    prow[xx] = row[min(max(x0 + xx - rad, 0), W - 1)]
+                hrow = hs[yy]
+                for t in range(nk):
+                    kt = np.int32(kern[t])
                     for xx in range(w):
-                        v = np.int16(row[x0 + xx]) - off
-                        mrow[xx] = (v < rl[x0 + xx]) | (v > rh[x0 + xx])
-            else:
-                # horizontal pass over the rows the vertical pass needs (clamped at the image edge)
-                hs = np.zeros((h + 2 * rad, w), np.int32)
-                prow = np.empty(w + 2 * rad, np.int32)
-                for yy in range(h + 2 * rad):
-                    ys = min(max(y0 + yy - rad, 0), H - 1)
-                    row = img[ys]
-                    for xx in range(w + 2 * rad):
-                        prow[xx] = row[min(max(x0 + xx - rad, 0), W - 1)]
-                    hrow = hs[yy]
-                    for t in range(nk):
-                        kt = np.int32(kern[t])
-                        for xx in range(w):
-                            hrow[xx] += kt * prow[xx + t]
-                vacc = np.empty(w, np.int64)
-                for yy in range(h):
+                        hrow[xx] += kt * prow[xx + t]
+            vacc = np.empty(w, np.int64)
+            for yy in range(h):
+                for xx in range(w):
+                    vacc[xx] = -offs
+                for t in range(nk):
+                    kt = np.int64(kern[t])
+                    hrow = hs[yy + t]
                     for xx in range(w):
-                        vacc[xx] = -offs
-                    for t in range(nk):
-                        kt = np.int64(kern[t])
-                        hrow = hs[yy + t]
-                        for xx in range(w):
-                            vacc[xx] += kt * hrow[xx]
-                    brow = bg_s[y0 + yy]
-                    mrow = mask[yy]
-                    for xx in range(w):
-                        dv = vacc[xx] - brow[x0 + xx]
-                        mrow[xx] = (dv > thr_bright) | (dv < -thr_dark)
-            if holes:
-                fill_holes(mask, np.empty(h * w, np.int64))
-            # label the region
-            nrr = mask_runs(mask, runs)
-            if nrr < 0:
-                return -1
-            for r in range(nrr):
-                runs[r, 0] += y0
-                runs[r, 1] += x0
-                runs[r, 2] += x0
+                        vacc[xx] += kt * hrow[xx]
+                brow = bg_s[y0 + yy]
+                mrow = mp[yy + 1]
+                for xx in range(w):
+                    dv = vacc[xx] - brow[x0 + xx]
+                    mrow[xx + 1] = np.uint8((dv > thr_bright) | (dv < -thr_dark))
+        if holes:
+            fill_holes(mask, np.empty(h * w, np.int64))
+        # label the region
+        nrr = mask_runs(mask, runs)
+        if nrr < 0:
+            return -1
         if nrr == 0:
             continue
+        for r in range(nrr):
+            runs[r, 0] += y0
+            runs[r, 1] += x0
+            runs[r, 2] += x0
         kk = label_runs(runs, nrr, conn8, run_label)
-        lab = np.zeros((h, w), np.int32)
-        paint_labels(runs, nrr, run_label, lab, y0, x0)
         cut = False
+        lab = np.empty((1, 1), np.int32)
+        bp = np.empty((1, 1), np.uint8)
         if split_area > 0:
-            # area per label, then split the big ones at their narrowest neck
+            # area per label; the big ones are cut at their narrowest neck
             area = np.zeros(kk, np.int64)
             for r in range(nrr):
                 area[run_label[r]] += runs[r, 2] - runs[r, 1]
             big = False
             for L in range(kk):
                 big |= area[L] > split_area
-            for _ in range(4):                 # three touching cells need two cuts
-                if not big:
-                    break
-                big = False
-                k0 = kk
-                for L in range(k0):
-                    if area[L] > split_area:
-                        if split_neck(lab, L + 1, kk + 1, neck_ratio):
-                            kk += 1
-                            cut = True
-                            big = True
-                if big:
-                    area = np.zeros(kk, np.int64)
-                    for yy in range(h):
-                        for xx in range(w):
-                            if lab[yy, xx] > 0:
-                                area[lab[yy, xx] - 1] += 1
-            if cut:
-                nrr = runs_by_value(lab, runs, run_label, y0, x0)
-                if nrr < 0:
-                    return -1
+            if big:
+                lab = np.zeros((h, w), np.int32)
+                paint_labels(runs, nrr, run_label, lab, y0, x0)
+                for _ in range(4):                 # three touching cells need two cuts
+                    if not big:
+                        break
+                    big = False
+                    k0 = kk
+                    for L in range(k0):
+                        if area[L] > split_area:
+                            if split_neck(lab, L + 1, kk + 1, neck_ratio):
+                                kk += 1
+                                cut = True
+                                big = True
+                    if big:
+                        area = np.zeros(kk, np.int64)
+                        for yy in range(h):
+                            lrow = lab[yy]
+                            for xx in range(w):
+                                if lrow[xx] > 0:
+                                    area[lrow[xx] - 1] += 1
+                if cut:
+                    nrr = runs_by_value(lab, runs, run_label, y0, x0)
+                    if nrr < 0:
+                        return -1
         if nout + kk > cap:
             return -1
-        accumulate_runs(runs, nrr, run_label, kk, img, True, stats, nout)
-        # seed pixels per label (hysteresis)
-        if direct and not cut:
-            for r in range(nrr):
-                stats[nout + run_label[r], S_STRONG] += run_strong[r]
+        accumulate_runs(runs, nrr, run_label, kk, img, False, stats, nout)
+        if cut:
+            # labels no longer follow 8-connectivity of the mask: perimeter per label image
+            perimeter_from_labels(lab, stats, nout, weights)
         else:
-            for r in range(nrr):
-                y = runs[r, 0]
-                cnt = 0
-                for x in range(runs[r, 1], runs[r, 2]):
-                    v = np.int16(img[y, x]) - off
-                    if v < lo[y, x] or v > hi[y, x]:
-                        cnt += 1
-                stats[nout + run_label[r], S_STRONG] += cnt
-        perimeter_from_labels(lab, stats, nout, weights)
+            # border pixels: foreground with a 4-neighbour outside the mask (branch-free)
+            bp = np.zeros((h + 2, w + 2), np.uint8)
+            for yy in range(1, h + 1):
+                up = mp[yy - 1, 1:w + 1]
+                me = mp[yy, 1:w + 1]
+                dn = mp[yy + 1, 1:w + 1]
+                lf = mp[yy, 0:w]
+                rt = mp[yy, 2:w + 2]
+                brow = bp[yy, 1:w + 1]
+                for xx in range(w):
+                    brow[xx] = me[xx] & (1 - (up[xx] & dn[xx] & lf[xx] & rt[xx]))
+        # per run: brightness, seed pixels (hysteresis) and, uncut, the perimeter (a border
+        # pixel's 8-neighbours on the border are in its own 8-connected component)
+        for r in range(nrr):
+            y = runs[r, 0]
+            a = runs[r, 1]
+            b = runs[r, 2]
+            ln = b - a
+            row = img[y, a:b]
+            rlo = lo[y, a:b]
+            rhi = hi[y, a:b]
+            acc = 0
+            cnt = 0
+            for t in range(ln):
+                u = row[t]
+                acc += u
+                v = np.int16(np.int16(u) - off)
+                cnt += (v < rlo[t]) | (v > rhi[t])
+            s = stats[nout + run_label[r]]
+            s[S_BRIGHT] += acc
+            s[S_STRONG] += cnt
+            if not cut:
+                py = y - y0 + 1
+                up = bp[py - 1, a - x0:b - x0 + 2]     # pixel t of the run is at t + 1
+                me = bp[py, a - x0:b - x0 + 2]
+                dn = bp[py + 1, a - x0:b - x0 + 2]
+                per = 0.0
+                for t in range(1, ln + 1):
+                    if me[t]:
+                        code = (1 + 2 * (up[t] + dn[t] + me[t - 1] + me[t + 1])
+                                + 10 * (up[t - 1] + up[t + 1] + dn[t - 1] + dn[t + 1]))
+                        per += weights[code]
+                s[S_PERIM] += per
         # keep labels with seed pixels, compacting in place
         keep = nout
         for i in range(kk):

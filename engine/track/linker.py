@@ -43,7 +43,7 @@ import bisect
 import math
 from typing import Iterable, Iterator
 
-from ..clips import ClipCutter, ClipRecorder
+from ..clips import ClipCutter, ClipRecorder, _cut_clamped
 from ..errors import DetectError
 from ..features import compute_features
 from ..types import Blob, CellClip, ChipGeometry, Frame, TrackStatus
@@ -124,6 +124,8 @@ class Linker:
                                         bin_px=t.flow_bin_px)
         self.assigner = Assigner(t.assign, t.max_subnet)
         self.cutter = ClipCutter(cfg.clips)
+        self._fixed = self.cutter.mode == "fixed"
+        self._half = self.cutter.size // 2
         self.max_frames = int(cfg.clips.max_frames)
         self.want_features = bool(features)
         self.width = int(geometry.width)
@@ -244,7 +246,7 @@ class Linker:
                 tr.exited_edge = box[2] >= self.width - self.margin
                 if not tr.tail:
                     rec = tr.rec
-                    self.cutter(image, b.cx, b.cy, box, rec.slot())
+                    self._cut(image, b.cx, b.cy, box, rec)
                     rec.add(None, fi, t_ns, b.cx, b.cy, box, b.area, _shape_of(b))
             elif i in carried:
                 cx, cy, box = carried[i]
@@ -255,7 +257,7 @@ class Linker:
                 tr.x_max = max(tr.x_max, cx)
                 if not tr.tail:       # seen, only not measured alone
                     rec = tr.rec
-                    self.cutter(image, cx, cy, box, rec.slot())
+                    self._cut(image, cx, cy, box, rec)
                     rec.add(None, fi, t_ns, cx, cy, box, 0, None, seen=True)
             else:
                 px, py = pred[i]
@@ -268,7 +270,7 @@ class Linker:
                     if not tr.tail:
                         box = _moved(tr.box, s, px, py)
                         rec = tr.rec
-                        self.cutter(image, px, py, box, rec.slot())
+                        self._cut(image, px, py, box, rec)
                         rec.add(None, fi, t_ns, px, py, box, 0, None)
             if done_reason is not None:
                 clip = self._finish(tr, done_reason, frame.t_ns)
@@ -293,7 +295,7 @@ class Linker:
             self._next_tid += 1
             box = tuple(b.bbox)
             tr.exited_edge = box[2] >= self.width - self.margin
-            self.cutter(image, b.cx, b.cy, box, tr.rec.slot())
+            self._cut(image, b.cx, b.cy, box, tr.rec)
             tr.rec.add(None, fi, t_ns, b.cx, b.cy, box, b.area, _shape_of(b))
             keep.append(tr)
             st["tracks_started"] += 1
@@ -316,6 +318,14 @@ class Linker:
         return out
 
     # -- internals ---------------------------------------------------------------------------
+    def _cut(self, image, cx: float, cy: float, box, rec: ClipRecorder) -> None:
+        """Cut this frame's crop of a track straight into its recorder's next slot."""
+        if self._fixed:      # the common case without the wrappers' Python overhead
+            h = self._half
+            _cut_clamped(image, math.floor(cx + 0.5) - h, math.floor(cy + 0.5) - h, rec.slot())
+        else:
+            self.cutter(image, cx, cy, box, rec.slot())
+
     def _explain_big_blobs(self, blobs, tracks, pred, track_blob, blob_track):
         """Tracks carried along with a blob they share; extra blobs for entering cells.
 

@@ -159,17 +159,26 @@ class FlowPredict(NullPredict):
 
     def field(self, x: float, y: float) -> tuple[float, float, bool]:
         """Learned velocity (vx, vy) [px/frame] at (x, y) [px], and whether it is known."""
-        g, c = self._cells(x, y)
-        if g[0] >= self.min_samples:
-            return g[1] / g[0], g[2] / g[0], True
-        if c[0] >= self.min_samples:
-            return c[1] / c[0], c[2] / c[0], True
+        ix = int(x / self.bin)
+        iy = int(y / self.bin)
+        nx = self.nx
+        ix = 0 if ix < 0 else (nx - 1 if ix >= nx else ix)
+        iy = 0 if iy < 0 else (self.ny - 1 if iy >= self.ny else iy)
+        g = self._grid[iy * nx + ix]
+        n = g[0]
+        if n >= self.min_samples:
+            return g[1] / n, g[2] / n, True
+        c = self._col[ix]
+        n = c[0]
+        if n >= self.min_samples:
+            return c[1] / n, c[2] / n, True
         return 0.0, 0.0, False
 
     def _learn(self, x: float, y: float, vx: float, vy: float) -> None:
+        mem = self.memory
         for acc in self._cells(x, y):
-            if acc[0] >= self.memory:
-                k = (self.memory - 1.0) / acc[0]
+            if acc[0] >= mem:
+                k = (mem - 1.0) / acc[0]
                 acc[0] *= k
                 acc[1] *= k
                 acc[2] *= k
@@ -183,6 +192,8 @@ class FlowPredict(NullPredict):
                 learn: bool = True) -> None:
         """Record a detection; ``learn`` adds the link to the field (confirmed, clean links)."""
         dt = frame - state.frame
+        x = float(x)
+        y = float(y)
         if dt > 0:
             vx, vy = (x - state.x) / dt, (y - state.y) / dt
             mx, my = 0.5 * (x + state.x), 0.5 * (y + state.y)
@@ -196,7 +207,14 @@ class FlowPredict(NullPredict):
                     state.rx, state.ry, state.has_res = rx, ry, True
             if learn:
                 self._learn(mx, my, vx, vy)
-        super().observe(state, x, y, frame)
+            # NullPredict.observe, inlined (the hot path)
+            if state.has_vel:
+                state.vx = 0.5 * (state.vx + vx)
+                state.vy = 0.5 * (state.vy + vy)
+            else:
+                state.vx, state.vy, state.has_vel = vx, vy, True
+            state.n_links += 1
+        state.x, state.y, state.frame = x, y, int(frame)
 
     def predict(self, state: TrackState, frame: int) -> tuple[float, float]:
         dt = frame - state.frame
