@@ -31,7 +31,7 @@ setup(
         "train": ["torch>=2.2", "onnx>=1.15", "onnxscript>=0.1"],
         "gpu": ["tensorrt>=10", "pycuda>=2024.1", "onnxruntime-gpu>=1.17"],
         "camera": ["harvesters>=1.4"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "pandas>=2"],
     },
     entry_points={"console_scripts": ["fmh=engine.cli:main"]},
 )
