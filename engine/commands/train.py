@@ -59,6 +59,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="[%(default)s]")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [%(default)s]")
     p.add_argument("--no-resume", action="store_true", help="start over even if DIR/last.pt exists")
+    p.add_argument("--stop-after", type=int, metavar="EPOCH",
+                   help="stop after this epoch as an interruption would (resume later)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -87,10 +89,15 @@ def run(args) -> int:
         raise ConfigError(f"fmh train: {exc}") from None
     try:
         summary = train(args.stores, args.out, cfg, labels=args.labels,
-                        resume=not args.no_resume, progress=not args.quiet)
+                        resume=not args.no_resume, progress=not args.quiet,
+                        stop_after=args.stop_after)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     out = Path(args.out)
+    if "stopped_after" in summary:
+        print(f"stopped after epoch {summary['stopped_after']} of {cfg.epochs}; "
+              f"{out / 'last.pt'} resumes, {out / 'best.pt'} is the best so far")
+        return 0
     v = summary.get("val", {})
     t = summary.get("test", {})
     print(f"best epoch {summary['best_epoch']}, threshold {summary['threshold']:.4g}")
