@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import signal
 import sys
@@ -58,6 +59,11 @@ __all__ = ["RunOptions", "RunSummary", "run_pipeline", "latency_summary"]
 STOP_WAIT_S = 10.0        # after Ctrl-C: longest wait for predictions of clips already sent [s]
 CHECKPOINT_S = 10.0       # cells.parquet and manifest rewritten this often during a run [s]
 _FRAME_TIMES = 8192       # processed-frame times kept for the latency lookup (a ring)
+READY_TIMEOUT_S = 120.0   # longest wait for workers (model loading) and the clip store [s]
+ELASTIC_FACTOR = 4        # live rings: the private catch-up buffer holds this many rings
+WORKER_NICE = 5           # niceness added to local inference workers
+PROGRESS_EVERY_S = 1.0    # the manifest's "progress" series: one point per second
+PROGRESS_POINTS = 3600    # at most this many points (then every other one is dropped)
 
 
 @dataclass
@@ -178,6 +184,7 @@ def _clip_writer_main(path: str, meta: dict, clip_q, result_q) -> None:
         writer = ClipStoreWriter(path, meta)
     except BaseException as exc:  # forwarded, never silent
         error = f"{path}: {type(exc).__name__}: {exc}"
+    result_q.put({"ready": True, "error": error})
     while True:
         clip = clip_q.get()
         if clip is None:
@@ -200,22 +207,33 @@ def _clip_writer_main(path: str, meta: dict, clip_q, result_q) -> None:
 class _ClipStoreProcess:
     """``clips.h5`` written by a child process (see :func:`_clip_writer_main`)."""
 
-    def __init__(self, ctx, path: Path, meta: dict, backlog: int = 256):
-        self.q = ctx.Queue(maxsize=backlog)
+    def __init__(self, ctx, path: Path, meta: dict):
+        # Unbounded: the frame loop must never wait for the disk (measured: a bounded queue
+        # blocked it for seconds while the writer was starved of CPU). Clips arrive at about
+        # 10/s; the writer is checked for life at every append.
+        self.q = ctx.Queue()
         self.result_q = ctx.Queue()
         self.proc = ctx.Process(target=_clip_writer_main, name="fmh-clipstore",
                                 args=(str(path), meta, self.q, self.result_q), daemon=True)
         self.proc.start()
         self.sent = 0
 
-    def append(self, clip: CellClip) -> None:
-        while True:
+    def wait_ready(self, timeout: float) -> str:
+        """Wait until the writer has created the file; returns its error ("" when fine)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             try:
-                self.q.put(clip, timeout=1.0)
-                break
-            except queue_mod.Full:
+                msg = self.result_q.get(timeout=0.2)
+                return msg.get("error", "")
+            except queue_mod.Empty:
                 if not self.proc.is_alive():
-                    raise EngineError("clip store process died") from None
+                    return f"clip store process died (exit code {self.proc.exitcode})"
+        return f"clip store not ready after {timeout:g} s"
+
+    def append(self, clip: CellClip) -> None:
+        if self.proc.exitcode is not None:
+            raise EngineError(f"clip store process died (exit code {self.proc.exitcode})")
+        self.q.put(clip)
         self.sent += 1
 
     def close(self, timeout: float = 120.0) -> dict:
@@ -229,6 +247,9 @@ class _ClipStoreProcess:
         while not out and time.monotonic() < deadline:
             try:
                 out = self.result_q.get(timeout=0.2)
+                if out.get("ready"):
+                    out = {}                    # wait_ready() was not called
+                    continue
             except queue_mod.Empty:
                 if not self.proc.is_alive():
                     try:
@@ -454,7 +475,8 @@ def run_pipeline(cfg: Config, opts: RunOptions,
     stop = _Stop().install()
     lat = _Latency()
     timing: dict[str, float] = {}
-    clip_store = dispatcher = workers = ring = proc = None
+    series = _Series(t_start)
+    clip_store = dispatcher = workers = ring = proc = elastic = None
     status_q = stop_ev = None
     frontend = linker = geometry = None
     n_frames = 0
@@ -477,8 +499,12 @@ def run_pipeline(cfg: Config, opts: RunOptions,
             # The workers see the run's serving and model settings, not just the defaults.
             overrides = [f"{sec}.{k}={_yaml_scalar(v)}" for sec in ("serving", "model")
                          for k, v in cfg.to_dict()[sec].items()]
+            # Acquisition comes first: local workers leave one core to the front end and run
+            # at a lower priority, so a batch of inference never starves the frame loop.
+            threads = max(1, ((os.cpu_count() or 2) - 1) // max(1, opts.workers))
             workers = spawn_workers(str(artefact.path), dispatcher.endpoint, opts.workers,
-                                    overrides=overrides)
+                                    overrides=overrides, threads=threads)
+            _lower_priority([p.pid for p in workers], WORKER_NICE)
             if opts.progress:
                 print(f"fmh: live predictions published on {dispatcher.pub_endpoint}",
                       file=sys.stderr)
@@ -497,15 +523,24 @@ def run_pipeline(cfg: Config, opts: RunOptions,
         t0 = time.perf_counter()
         _warm_up(cfg, shape)
         frontend = FrontEnd(cfg, background=background)
+        # Start acquiring only when everything downstream is up: a worker loading its model
+        # or a child importing its libraries must not compete with the first live frames.
+        if clip_store is not None:
+            err = clip_store.wait_ready(READY_TIMEOUT_S)
+            if err:
+                raise EngineError(f"clips.h5: {err}")
+        if dispatcher is not None:
+            _wait_for_workers(dispatcher, workers, opts.workers, stop)
         go_ev.set()
         timing["warm_up_s"] = round(time.perf_counter() - t0, 3)
         timing["t_go_s"] = round(time.perf_counter() - t_start, 3)
-        frames_iter = _ring_frames(ring, proc, stop)
+        elastic = _Elastic(ring, ELASTIC_FACTOR * ring.slots) if policy == "drop-oldest" else None
+        frames_iter = _ring_frames(ring, proc, stop, elastic)
         if background is None:
             sample, frames_iter = _take_primer(frames_iter, cfg, stop)
             if sample:
                 t0 = time.perf_counter()
-                frontend.prime([f.image for f in sample])
+                _prime(frontend, [f.image for f in sample], elastic)
                 timing["prime_s"] = round(time.perf_counter() - t0, 3)
             del sample
         geometry = frontend.geometry
@@ -525,6 +560,7 @@ def run_pipeline(cfg: Config, opts: RunOptions,
                     dispatcher.submit(_for_wire(clip))
 
         next_checkpoint = time.monotonic() + CHECKPOINT_S
+        next_point = time.monotonic()
         last_index = -1
         for frame in frames_iter:
             blobs = frontend.process(frame)
@@ -542,6 +578,9 @@ def run_pipeline(cfg: Config, opts: RunOptions,
                 progress.update(st)
                 if on_status is not None:
                     on_status(st)
+            if now >= next_point:
+                series.add(n_frames, files, dispatcher, ring)
+                next_point = now + PROGRESS_EVERY_S
             if now >= next_checkpoint:
                 files.checkpoint(frames_processed=n_frames, cells_tracked=files.n_cells)
                 next_checkpoint = now + CHECKPOINT_S
@@ -556,14 +595,17 @@ def run_pipeline(cfg: Config, opts: RunOptions,
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        counts, extra = _shut_down(status, error, stop, files, clip_store, dispatcher, workers,
-                                   ring, proc, status_q, stop_ev, frontend, linker, geometry,
-                                   n_frames, lat, progress)
-        status, error = extra.pop("_status"), extra.get("error", "")
-        timing["seconds"] = round(time.perf_counter() - t_start, 3)
-        files.update_counts(**counts)
-        files.close(status, timing=timing, **extra)
-        stop.restore()
+        try:
+            elastic_info = elastic.info() if elastic is not None else None
+            counts, extra = _shut_down(status, error, stop, files, clip_store, dispatcher,
+                                       workers, ring, proc, status_q, stop_ev, frontend, linker,
+                                       geometry, n_frames, lat, progress, elastic_info)
+            status, error = extra.pop("_status"), extra.get("error", "")
+            timing["seconds"] = round(time.perf_counter() - t_start, 3)
+            files.update_counts(**counts)
+            files.close(status, timing=timing, progress=series.to_dict(), **extra)
+        finally:
+            stop.restore()
     summary = RunSummary(out=out, counts=files.manifest["counts"], status=status,
                          seconds=time.perf_counter() - t_start,
                          latency=files.manifest.get("latency", {}))
@@ -573,7 +615,7 @@ def run_pipeline(cfg: Config, opts: RunOptions,
 
 
 def _shut_down(status, error, stop, files, clip_store, dispatcher, workers, ring, proc,
-               status_q, stop_ev, frontend, linker, geometry, n_frames, lat, progress):
+               status_q, stop_ev, frontend, linker, geometry, n_frames, lat, progress, elastic_info=None):
     """Stop the source, close the ring and the clip store, collect the predictions of the
     clips already sent, stop the workers; returns the manifest's counts and extra fields."""
     src_status: dict = {}
@@ -645,7 +687,7 @@ def _shut_down(status, error, stop, files, clip_store, dispatcher, workers, ring
     extra: dict[str, Any] = {
         "_status": status,
         "geometry": geometry.to_dict() if geometry is not None else None,
-        "ring": ring_stats, "dispatcher": disp_counts,
+        "ring": ring_stats, "dispatcher": disp_counts, "elastic": elastic_info,
         "source_status": {k: v for k, v in src_status.items() if k != "trace"},
         "background": frontend.background_info if frontend is not None else {},
     }
@@ -689,18 +731,117 @@ def _for_wire(clip: CellClip) -> CellClip:
     return clip if len(feats) == len(clip.features) else replace(clip, features=feats)
 
 
+def _wait_for_workers(dispatcher, procs, n: int, stop: _Stop) -> None:
+    """Wait until ``n`` local workers have said hello (model loaded)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while dispatcher.counts.get("workers", 0) < n:
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            raise EngineError(f"inference worker exited with status {dead[0].returncode} "
+                              "before it was ready (run `fmh serve --model MODEL --connect "
+                              f"{dispatcher.endpoint}` to see why)")
+        if time.monotonic() > deadline:
+            raise EngineError(f"{n} inference worker(s) not ready after {READY_TIMEOUT_S:g} s")
+        if stop.requested:
+            return
+        time.sleep(0.05)
+
+
+def _lower_priority(pids: list[int], nice: int) -> None:
+    """Raise the niceness of processes by ``nice`` (best effort: needs no privilege)."""
+    for pid in pids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid)
+                                                     + nice))
+        except (OSError, AttributeError):
+            pass
+
+
 def _yaml_scalar(v) -> str:
     import json
     return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def _ring_frames(ring, proc, stop: _Stop):
+class _Elastic:
+    """Frames moved out of a ``drop-oldest`` ring into this process while the front end is
+    behind (priming, a burst of load): a second, private ring of ``cap`` frames, so that a
+    stall of a few seconds costs latency, not frames. Its pages are touched only when used.
+
+    The image of a popped frame is valid until the next :meth:`fill` that wraps onto its slot,
+    i.e. while it is processed (the loop fills only between frames).
+    """
+
+    def __init__(self, ring, cap: int):
+        self.ring = ring
+        self.cap = int(cap)
+        self.buf = np.empty((self.cap, *ring.shape), np.uint8)
+        self.index = np.zeros(self.cap, np.int64)
+        self.t_ns = np.zeros(self.cap, np.int64)
+        self.head = self.count = 0
+        self.high = 0          # most frames held at once
+        self.moved = 0         # frames that went through here
+
+    def behind(self) -> bool:
+        return self.count > 0 or self.ring.stats["pending"] > self.ring.slots // 2
+
+    def fill(self) -> None:
+        """Move every frame waiting in the ring here (as room allows)."""
+        while self.count < self.cap:
+            frame = self.ring.get(timeout=0)
+            if frame is None:
+                return
+            k = (self.head + self.count) % self.cap
+            np.copyto(self.buf[k], frame.image)
+            self.index[k], self.t_ns[k] = frame.index, frame.t_ns
+            self.count += 1
+            self.moved += 1
+        self.high = max(self.high, self.count)
+
+    def pop(self) -> Frame:
+        k = self.head
+        self.head = (self.head + 1) % self.cap
+        self.count -= 1
+        return Frame(int(self.index[k]), int(self.t_ns[k]), self.buf[k])
+
+    def info(self) -> dict:
+        return {"capacity": self.cap, "max_held": self.high, "frames_moved": self.moved}
+
+
+def _prime(frontend, images: list, elastic: _Elastic | None) -> None:
+    """Build the background; with a live ring, keep draining it meanwhile."""
+    if elastic is None:
+        frontend.prime(images)
+        return
+    err: list[BaseException] = []
+
+    def work():
+        try:
+            frontend.prime(images)
+        except BaseException as exc:       # re-raised in the caller's thread
+            err.append(exc)
+
+    th = threading.Thread(target=work, name="fmh-prime", daemon=True)
+    th.start()
+    while th.is_alive():
+        elastic.fill()
+        th.join(0.01)
+    if err:
+        raise err[0]
+
+
+def _ring_frames(ring, proc, stop: _Stop, elastic: _Elastic | None = None):
     """Frames from the ring until end of stream or a stop request.
 
     With the ``block`` policy an image is a view into its slot, valid until the next frame is
-    asked for; consumers that keep pixels copy them.
+    asked for; consumers that keep pixels copy them. With ``drop-oldest`` and ``elastic``,
+    frames move to the elastic buffer whenever the ring is more than half full.
     """
     while not stop.requested:
+        if elastic is not None and elastic.behind():
+            elastic.fill()
+            if elastic.count:
+                yield elastic.pop()
+                continue
         frame = ring.get(timeout=0.2)
         if frame is None:
             if ring.eos:
@@ -758,7 +899,15 @@ def _take_primer(frames_iter, cfg: Config, stop: _Stop):
     if len(sample) < 3 and not stop.requested and len(held) < 3:
         raise SourceError(f"too few frames ({len(held)}) to build a background; "
                           "give one with --background")
-    return sample, itertools.chain(held, frames_iter)
+    return sample, _held_then(held, frames_iter)
+
+
+def _held_then(held: list[Frame], rest):
+    """The held primer frames (each released once yielded), then the rest of the stream."""
+    held.reverse()
+    while held:
+        yield held.pop()
+    yield from rest
 
 
 def _load_background(path: str, shape: tuple[int, int]) -> np.ndarray:
@@ -790,6 +939,34 @@ def _status(n_frames: int, files, dispatcher, ring) -> dict:
                   predictions=files.n_predictions, errors=files.n_errors,
                   fetal=files.n_fetal, fetal_fraction=(files.n_fetal / n) if n else None)
     return st
+
+
+class _Series:
+    """A bounded time series of the run's counters for the manifest (``progress``):
+    t [s since start], frames processed, frames dropped, cells, queue depth, predictions."""
+
+    FIELDS = ("t", "frames", "dropped", "cells", "queue", "predictions")
+
+    def __init__(self, t_start: float):
+        self.t_start = t_start
+        self.step = 1
+        self.k = 0
+        self.rows: list[list] = []
+
+    def add(self, n_frames: int, files, dispatcher, ring) -> None:
+        self.k += 1
+        if self.k % self.step:
+            return
+        q = dispatcher.counts.get("queued", 0) if dispatcher is not None else 0
+        self.rows.append([round(time.perf_counter() - self.t_start, 2), n_frames,
+                          int(ring.stats.get("dropped", 0)), files.n_cells, int(q),
+                          files.n_predictions])
+        if len(self.rows) > PROGRESS_POINTS:
+            self.rows = self.rows[::2]
+            self.step *= 2
+
+    def to_dict(self) -> dict:
+        return {"fields": list(self.FIELDS), "rows": self.rows}
 
 
 class _Progress:
