@@ -557,7 +557,7 @@ def run_pipeline(cfg: Config, opts: RunOptions,
                     clip_store.append(clip)
                 if dispatcher is not None:
                     lat.submitted(int(clip.cell_id), lat.closed(clip, close_frame, t_closed))
-                    dispatcher.submit(_for_wire(clip))
+                    dispatcher.submit(clip)
 
         next_checkpoint = time.monotonic() + CHECKPOINT_S
         next_point = time.monotonic()
@@ -721,14 +721,6 @@ def _join_source(proc, status_q, timeout: float = 15.0) -> dict:
     except (queue_mod.Empty, EOFError, OSError):
         pass
     return out
-
-
-def _for_wire(clip: CellClip) -> CellClip:
-    """The clip as sent to the workers: only its finite features (the workers do not need
-    them; engine.wire encodes NaN as null and its validation then rejects the clip)."""
-    feats = {k: float(v) for k, v in clip.features.items()
-             if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(v)}
-    return clip if len(feats) == len(clip.features) else replace(clip, features=feats)
 
 
 def _wait_for_workers(dispatcher, procs, n: int, stop: _Stop) -> None:

@@ -167,9 +167,10 @@ def validate_header(header: dict, n_payload: int, *, max_bytes: int) -> tuple[di
             raise WireError("prediction: probs must be a short list of numbers")
     if kind == "clip" and "features" in header:
         feats = header["features"]
-        if len(feats) > 512 or not all(isinstance(k, str) and _type_ok(x, _NUM)
+        # A feature that could not be measured travels as null (JSON has no NaN).
+        if len(feats) > 512 or not all(isinstance(k, str) and (x is None or _type_ok(x, _NUM))
                                        for k, x in feats.items()):
-            raise WireError("clip: features must map names to numbers (at most 512)")
+            raise WireError("clip: features must map names to numbers or null (at most 512)")
     specs = _parse_arrays(header, kind, n_payload, max_bytes)
     return header, specs
 
@@ -466,7 +467,9 @@ def decode_clip(msg: Message) -> CellClip:
     return CellClip(cell_id=h["cell"], frames=a["frames"], frame_indices=a["frame_indices"],
                     centroids=a["centroids"], boxes=a["boxes"], areas=a["areas"],
                     status=status, reason=h.get("reason", ""), t0_ns=h.get("t0_ns", 0),
-                    t_exit_ns=h.get("t_exit_ns", 0), features=dict(h.get("features", {})))
+                    t_exit_ns=h.get("t_exit_ns", 0),
+                    features={k: (float("nan") if v is None else v)
+                              for k, v in h.get("features", {}).items()})
 
 
 def encode_prediction(pred: Prediction, *, run: str, seq: int, **fields: Any) -> list:

@@ -39,6 +39,16 @@ def test_clip_round_trip_keeps_every_field():
     assert back.features == {"area_um": 10.5} and back.t0_ns == clip.t0_ns
 
 
+def test_clip_with_unmeasured_feature_round_trips_as_nan():
+    # A feature that could not be measured (NaN) must not make the clip malformed.
+    from dataclasses import replace
+    clip = replace(make_clip(8), features={"area_um": 10.5, "transit_ms": float("nan")})
+    frames = wire.encode_clip(clip, run="r1", seq=1)
+    assert _header(frames)["features"]["transit_ms"] is None
+    back = wire.decode_clip(wire.decode(frames, max_bytes=MAX))
+    assert back.features["area_um"] == 10.5 and np.isnan(back.features["transit_ms"])
+
+
 def test_prediction_round_trip_nan_becomes_null():
     pred = Prediction(cell_id=3, p_fetal=float("nan"), label="", error="bad clip")
     frames = wire.encode_prediction(pred, run="r", seq=1)
