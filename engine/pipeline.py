@@ -93,6 +93,9 @@ class RunOptions:
     throttle_s : float
         Sleep this long [s] after every frame: a slow front end, for fault tests of frame
         dropping. 0 in normal use.
+    donor, label : str
+        Written into clips.h5 (one sequence = one donor) so the store is training material;
+        ``label`` is "fetal", "maternal" or "" when unknown.
     """
 
     source: str
@@ -108,6 +111,8 @@ class RunOptions:
     background: str = ""
     live: bool | None = None
     throttle_s: float = 0.0
+    donor: str = ""
+    label: str = ""
 
 
 @dataclass
@@ -486,7 +491,8 @@ def run_pipeline(cfg: Config, opts: RunOptions,
         ctx = mp.get_context("spawn")
         if opts.write_clips:
             clip_store = _ClipStoreProcess(ctx, out / "clips.h5",
-                                           {"source": opts.source, "config": cfg.to_dict()})
+                                           {"source": opts.source, "config": cfg.to_dict(),
+                                            "donor": opts.donor, "label": opts.label})
         if opts.classify:
             from .dispatch import Dispatcher, spawn_workers
 

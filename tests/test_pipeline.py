@@ -39,7 +39,8 @@ def seq(tmp_path_factory):
 @pytest.fixture(scope="module")
 def detected(seq, tmp_path_factory):
     out = tmp_path_factory.mktemp("detect")
-    assert fmh(["detect", str(seq), "--out", str(out), "--quiet"]) == 0
+    assert fmh(["detect", str(seq), "--out", str(out), "--quiet",
+                "--donor", "d07", "--label", "fetal"]) == 0
     return out
 
 
@@ -78,6 +79,9 @@ def test_detect_writes_consistent_files_that_match_the_truth(seq, detected):
     c = _consistent(detected, N_FRAMES)
     assert c["cells_tracked"] > 15
     assert m["geometry"]["width"] == 800 and m["background"]["policy"]
+    from engine.clipstore import ClipStoreReader
+    store = ClipStoreReader(detected / "clips.h5")       # training material as it stands
+    assert (store.donor, store.label) == ("d07", "fetal")
     truth = load_truth(seq.with_name("s.truth.json"))
     assert np.array_equal(truth.frame_numbers, np.arange(N_FRAMES))
     status = cells.set_index("cell_id")["status"]

@@ -14,6 +14,9 @@ def add_arguments(p) -> None:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-clips", action="store_true", help="do not write clips.h5")
+    p.add_argument("--donor", default="", help="donor / sequence id stored in clips.h5")
+    p.add_argument("--label", default="", choices=["", "fetal", "maternal"],
+                   help="the donor's class, stored in clips.h5 (training material)")
     add_pacing(p)
 
 
@@ -27,7 +30,8 @@ def run(args) -> int:
     opts = RunOptions(source=args.source, out=Path(args.out), speed=speed_from_args(args),
                       loop=args.loop, max_frames=args.max_frames,
                       write_clips=not args.no_clips, classify=False,
-                      progress=not args.quiet, background=args.background or "")
+                      progress=not args.quiet, background=args.background or "",
+                      donor=args.donor, label=args.label)
     summary = run_pipeline(cfg, opts)
     print_summary(summary, "detect")
     return 0 if summary.status == "complete" else 130
