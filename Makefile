@@ -7,6 +7,7 @@ PY          := $(VENV)/bin/python
 PIP         := $(VENV)/bin/pip
 STAMP_RT    := $(VENV)/.stamp-runtime
 STAMP_DEV   := $(VENV)/.stamp-dev
+STAMP_JIT   := $(VENV)/.stamp-jit
 PYTEST_ARGS ?=
 
 .PHONY: demo test install dev bench clean
@@ -29,7 +30,15 @@ $(STAMP_DEV): setup.py $(STAMP_RT)
 install: $(STAMP_RT)
 dev: $(STAMP_DEV)
 
-demo: $(STAMP_RT)
+# The Numba kernels compile on first use and are cached: compile them once, on a short
+# detection run, before the live demo, so that compilation does not stall a live source.
+$(STAMP_JIT): $(STAMP_RT)
+	@echo "compiling the front-end kernels once (cached for later runs)..."
+	$(VENV)/bin/fmh detect "sim://?frames=1500&seed=0" --out $(VENV)/jit-warmup --no-clips --quiet
+	rm -rf $(VENV)/jit-warmup
+	touch $@
+
+demo: $(STAMP_JIT)
 	$(VENV)/bin/fmh demo
 
 test: $(STAMP_DEV)
