@@ -27,7 +27,7 @@ from numba import njit
 
 from .types import CellClip, TrackStatus
 
-__all__ = ["ClipCutter", "ClipRecorder", "cut_fixed", "cut_square", "SHAPE_FIELDS"]
+__all__ = ["BufferPool", "ClipCutter", "ClipRecorder", "cut_fixed", "cut_square", "SHAPE_FIELDS"]
 
 #: per-frame blob statistics the recorder keeps for the features (float32 each)
 SHAPE_FIELDS = ("perimeter", "deform", "major", "minor", "orientation", "brightness")
@@ -131,23 +131,54 @@ class ClipCutter:
         return out
 
 
+class BufferPool:
+    """Crop buffers kept for reuse, so that growing recorders do not fault fresh pages in.
+
+    Large fresh allocations come straight from the kernel (``mmap``) and every page of them is
+    zeroed on first touch; a linker that starts and ends tracks all the time would pay that
+    for every crop. Buffers are keyed by shape; at most ``keep`` of each shape are held.
+    """
+
+    __slots__ = ("keep", "_free")
+
+    def __init__(self, keep: int = 32):
+        self.keep = int(keep)
+        self._free: dict[tuple[int, int, int], list[np.ndarray]] = {}
+
+    def get(self, cap: int, size: int) -> np.ndarray:
+        """An uninitialised uint8 buffer of shape (cap, size, size)."""
+        lst = self._free.get((cap, size, size))
+        if lst:
+            return lst.pop()
+        return np.empty((cap, size, size), np.uint8)
+
+    def put(self, buf: np.ndarray) -> None:
+        """Give ``buf`` back (nothing may refer to it any more)."""
+        lst = self._free.setdefault(buf.shape, [])
+        if len(lst) < self.keep:
+            lst.append(buf)
+
+
 class ClipRecorder:
     """Collects one cell's crops and per-frame numbers while its track is live.
 
-    Crops go into a uint8 buffer that grows by doubling up to ``max_frames``; the per-frame
-    numbers into Python lists (cheap to append). Everything is copied: nothing refers to a
-    frame after :meth:`add` returns.
+    Crops go into a uint8 buffer that grows by doubling up to ``max_frames`` (taken from and
+    given back to ``pool`` when one is given); the per-frame numbers into Python lists (cheap
+    to append). Everything is copied: nothing refers to a frame after :meth:`add` returns.
     """
 
     __slots__ = ("size", "max_frames", "n", "frames", "index", "t_ns", "cxy", "box", "area",
-                 "shape", "n_detected", "last_detected")
+                 "shape", "n_detected", "last_detected", "pool")
 
-    def __init__(self, size: int, max_frames: int, capacity: int = 8):
+    def __init__(self, size: int, max_frames: int, capacity: int = 8,
+                 pool: BufferPool | None = None):
         self.size = int(size)
         self.max_frames = int(max_frames)
+        self.pool = pool
         cap = max(1, min(capacity, self.max_frames))
         self.n = 0
-        self.frames = np.empty((cap, self.size, self.size), np.uint8)
+        self.frames = (pool.get(cap, self.size) if pool is not None
+                       else np.empty((cap, self.size, self.size), np.uint8))
         self.index: list[int] = []
         self.t_ns: list[int] = []
         self.cxy: list[tuple[float, float]] = []
@@ -156,6 +187,13 @@ class ClipRecorder:
         self.shape: list = []
         self.n_detected = 0
         self.last_detected = -1   # position (in this clip) of the last seen frame
+
+    def release(self) -> None:
+        """Give the crop buffer back to the pool (the recorder is not used afterwards)."""
+        if self.pool is not None and self.frames.shape[0] > 0:
+            self.pool.put(self.frames)
+        self.frames = np.empty((0, self.size, self.size), np.uint8)
+        self.n = 0
 
     @property
     def full(self) -> bool:
@@ -167,8 +205,12 @@ class ClipRecorder:
             raise IndexError("ClipRecorder is full; check .full before adding")
         if self.n == self.frames.shape[0]:
             cap = min(2 * self.frames.shape[0], self.max_frames)
-            new = np.empty((cap, self.size, self.size), np.uint8)
+            pool = self.pool
+            new = (pool.get(cap, self.size) if pool is not None
+                   else np.empty((cap, self.size, self.size), np.uint8))
             new[:self.n] = self.frames[:self.n]
+            if pool is not None:
+                pool.put(self.frames)
             self.frames = new
         return self.frames[self.n]
 
@@ -195,6 +237,21 @@ class ClipRecorder:
             self.n_detected += 1
         if seen or (seen is None and shape is not None):
             self.last_detected = i
+        self.n = i + 1
+
+    def push(self, index: int, t_ns: int, cx: float, cy: float, box, area: int,
+             shape) -> None:
+        """:meth:`add` of a measured frame whose crop is already in :meth:`slot` (the
+        linker's hot path: no checks)."""
+        i = self.n
+        self.index.append(index)
+        self.t_ns.append(t_ns)
+        self.cxy.append((cx, cy))
+        self.box.append(box)
+        self.area.append(int(area))
+        self.shape.append(shape)
+        self.n_detected += 1
+        self.last_detected = i
         self.n = i + 1
 
     def trim_to_last_detection(self) -> None:

@@ -103,3 +103,74 @@ def test_bad_inputs_name_the_problem():
         label(np.zeros((3, 3, 3)))
     with pytest.raises(DetectError, match="connectivity"):
         label(np.zeros((3, 3)), connectivity=6)
+
+
+# -- the fused per-frame kernel against the label-image statistics ---------------------------
+
+def _fused(image, bg=100, seed=20, low=10, split_area=0, margin=3):
+    """Statistics rows of K.detect_frame on ``image`` against a flat background."""
+    from engine.detect import _kernels as K
+    H, W = image.shape
+    lo = np.full((H, W), bg - seed, np.int16)
+    hi = np.full((H, W), bg + seed, np.int16)
+    lo_w = np.full((H, W), bg - low, np.int16)
+    hi_w = np.full((H, W), bg + low, np.int16)
+    runs = np.empty((H * W + 1, 3), np.int64)
+    stats = np.empty((H * W + 1, K.NSTAT), np.float64)
+    n = K.detect_frame(image, lo, hi, lo_w, hi_w, np.zeros((H, W), np.int64),
+                       np.ones(1, np.int64), 1, 1, np.int16(0), margin, 1, True, runs,
+                       np.empty(H * W + 1, np.int64), np.empty((W + 31) // 32, np.uint8),
+                       stats, K.PERIM_WEIGHTS, False, split_area, 0.6)
+    out = np.empty((n, K.NFIN), np.float64)
+    K.finish_stats(stats, n, out)
+    return out[np.lexsort((out[:, COL["cx"]], out[:, COL["cy"]]))]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fused_kernel_equals_label_image_statistics(seed):
+    """Run-based perimeter, moments and brightness of the per-frame kernel equal measure()
+    on the label image (scikit-image's perimeter estimator on each label)."""
+    rng = np.random.default_rng(seed)
+    H, W = 60, 90
+    mask = np.zeros((H, W), bool)
+    yy, xx = np.mgrid[:H, :W]
+    for _ in range(rng.integers(1, 6)):          # discs, ellipses, ragged noise, at edges too
+        cx, cy = rng.uniform(-5, W + 5), rng.uniform(-5, H + 5)
+        a, b = rng.uniform(2, 14), rng.uniform(2, 14)
+        mask |= ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1
+    mask &= rng.random((H, W)) > 0.1             # holes and ragged borders
+    image = np.where(mask, rng.integers(20, 60, (H, W)), 100).astype(np.uint8)
+    lab, n = label(mask)
+    ref = measure(lab, n, image)
+    ref = ref[np.lexsort((ref[:, COL["cx"]], ref[:, COL["cy"]]))]
+    got = _fused(image)
+    assert got.shape[0] == n
+    for c in ("area", "cx", "cy", "x0", "y0", "x1", "y1", "perimeter", "brightness", "major",
+              "minor"):
+        np.testing.assert_allclose(got[:, COL[c]], ref[:, COL[c]], rtol=1e-9, atol=1e-9,
+                                   err_msg=c)
+
+
+def test_fused_kernel_perimeter_after_a_neck_cut():
+    """Two touching discs are cut at the neck; each part's perimeter is the label-image
+    estimator's on the cut label image (the cut makes the parts' borders)."""
+    from engine.detect import _kernels as K
+    H, W = 60, 100
+    yy, xx = np.mgrid[:H, :W]
+    mask = ((xx - 35) ** 2 + (yy - 30) ** 2 <= 13 ** 2) | ((xx - 60) ** 2 + (yy - 31) ** 2 <= 13 ** 2)
+    ragged = np.random.default_rng(5).random((H, W)) > 0.15    # many border configurations
+    mask &= ragged | ((xx - 47) ** 2 < 16)                     # (the neck stays whole)
+    image = np.where(mask, 30, 100).astype(np.uint8)
+    lab, n = label(mask)
+    assert n == 1
+    assert K.split_neck(lab, 1, 2, 0.6, np.zeros(2, np.int64))
+    stats = np.zeros((2, K.NSTAT))
+    K.perimeter_from_labels(lab, stats, 0, K.PERIM_WEIGHTS)
+    ref = measure(lab, 2, image)
+    ref[:, COL["perimeter"]] = stats[:, K.S_PERIM]
+    ref = ref[np.lexsort((ref[:, COL["cx"]], ref[:, COL["cy"]]))]
+    got = _fused(image, split_area=int(mask.sum() * 0.6))
+    assert got.shape[0] == 2
+    for c in ("area", "cx", "cy", "x0", "x1", "perimeter", "brightness"):
+        np.testing.assert_allclose(got[:, COL[c]], ref[:, COL[c]], rtol=1e-9, atol=1e-9,
+                                   err_msg=c)

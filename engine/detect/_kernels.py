@@ -545,12 +545,14 @@ def runs_by_value(lab, runs, run_label, y0, x0):
     n = 0
     cap = runs.shape[0]
     for y in range(H):
+        row = lab[y]
         x = 0
         while x < W:
-            v = lab[y, x]
+            v = row[x]
             if v > 0:
                 s = x
-                while x < W and lab[y, x] == v:
+                x += 1
+                while x < W and row[x] == v:
                     x += 1
                 if n >= cap:
                     return -1
@@ -565,14 +567,15 @@ def runs_by_value(lab, runs, run_label, y0, x0):
 
 
 @njit(cache=True, nogil=True)
-def split_neck(lab, L, new, ratio):
+def split_neck(lab, L, new, ratio, where):
     """Cut label ``L`` of ``lab`` in two at its narrowest neck; the far part becomes ``new``.
 
     Along x and along y, the blob's extent across each line (last - first pixel + 1,
     which ignores holes) is a profile; the deepest minimum in the middle half of the blob,
     relative to the smaller of the two maxima on either side, is the neck. When it is below
     ``ratio`` the pixels beyond it are relabelled (touching cells in a row or a column).
-    Returns True when the blob was cut.
+    Returns True when the blob was cut; ``where`` (int64, 2) then holds the axis (0: the
+    pixels with ``x >= cut`` became ``new``, 1: those with ``y >= cut``) and ``cut``.
     """
     H, W = lab.shape
     ext_x = np.zeros(W, np.int64)
@@ -637,6 +640,8 @@ def split_neck(lab, L, new, ratio):
                 cut = c
     if axis < 0:
         return False
+    where[0] = axis
+    where[1] = cut
     if axis == 0:
         for y in range(H):
             row = lab[y]
@@ -692,12 +697,18 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
        (int64, scaled by ``K*K``): with ``d = smooth(img) - off*K*K - bg_s``, foreground
        where ``d < -thr_dark`` or ``d > thr_bright`` (the low threshold scaled by ``K*K``;
        a huge value switches a polarity off). Without smoothing (``len(kern) == 1``) the
-       low threshold is folded into the int16 bounds ``lo_w``/``hi_w`` instead. Components are labelled, measured
-       (moments on the raw pixel grid, brightness from ``img``, perimeter) and kept when they
-       contain at least one seed pixel (hysteresis). With ``holes``, holes in the mask
-       (background pixels enclosed by foreground) are filled first, as dclab's masks are.
-       Components larger than ``split_area`` px (> 0) are cut at a narrow neck
-       (:func:`split_neck`): two touching cells.
+       low threshold is folded into the int16 bounds ``lo_w``/``hi_w`` instead. Components
+       are labelled, measured (moments on the raw pixel grid, brightness from ``img``,
+       perimeter) and kept when they contain at least one seed pixel (hysteresis). With
+       ``holes``, holes in the mask (background pixels enclosed by foreground) are filled
+       first, as dclab's masks are. Components larger than ``split_area`` px (> 0) are cut
+       at a narrow neck (:func:`split_neck`): two touching cells.
+
+    Everything is computed from runs, without a label image: the perimeter (the estimator
+    of :func:`perimeter_from_labels`) from a branch-free border map of the region's padded
+    mask, summed along each run (8-neighbours in the mask belong to the same component);
+    only a region in which a neck was cut gets a label image (for :func:`split_neck`),
+    and its border map then compares labels.
 
     Returns the number of rows written to ``stats`` (raw sums, see ``S_*``); -1 when a
     buffer overflowed (the caller grows them and calls again).
@@ -835,7 +846,6 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
         kk = label_runs(runs, nrr, conn8, run_label)
         cut = False
         lab = np.empty((1, 1), np.int32)
-        bp = np.empty((1, 1), np.uint8)
         if split_area > 0:
             # area per label; the big ones are cut at their narrowest neck
             area = np.zeros(kk, np.int64)
@@ -847,37 +857,93 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
             if big:
                 lab = np.zeros((h, w), np.int32)
                 paint_labels(runs, nrr, run_label, lab, y0, x0)
+                # a label without a neck stays as it is: it is not tried again
+                nocut = np.zeros(16 * kk + 8, np.bool_)
+                where = np.zeros(2, np.int64)
+                cap_runs = runs.shape[0]
                 for _ in range(4):                 # three touching cells need two cuts
                     if not big:
                         break
                     big = False
+                    # label boxes (region coordinates): split_neck looks at the box only
+                    lb = np.empty((kk, 4), np.int64)
+                    for L in range(kk):
+                        lb[L, 0] = w
+                        lb[L, 1] = h
+                        lb[L, 2] = 0
+                        lb[L, 3] = 0
+                    for r in range(nrr):
+                        L = run_label[r]
+                        yy = runs[r, 0] - y0
+                        lb[L, 0] = min(lb[L, 0], runs[r, 1] - x0)
+                        lb[L, 1] = min(lb[L, 1], yy)
+                        lb[L, 2] = max(lb[L, 2], runs[r, 2] - x0)
+                        lb[L, 3] = max(lb[L, 3], yy + 1)
                     k0 = kk
                     for L in range(k0):
-                        if area[L] > split_area:
-                            if split_neck(lab, L + 1, kk + 1, neck_ratio):
+                        if area[L] > split_area and not nocut[L]:
+                            if split_neck(lab[lb[L, 1]:lb[L, 3], lb[L, 0]:lb[L, 2]], L + 1,
+                                          kk + 1, neck_ratio, where):
+                                # the runs follow the cut: beyond it they are the new label's
+                                n_all = nrr
+                                if where[0] == 0:
+                                    cutx = x0 + lb[L, 0] + where[1]
+                                    for r in range(nrr):
+                                        if run_label[r] == L and runs[r, 2] > cutx:
+                                            if runs[r, 1] >= cutx:
+                                                run_label[r] = kk
+                                            else:          # straddles the cut: split it
+                                                if n_all >= cap_runs:
+                                                    return -1
+                                                runs[n_all, 0] = runs[r, 0]
+                                                runs[n_all, 1] = cutx
+                                                runs[n_all, 2] = runs[r, 2]
+                                                run_label[n_all] = kk
+                                                runs[r, 2] = cutx
+                                                n_all += 1
+                                else:
+                                    cuty = y0 + lb[L, 1] + where[1]
+                                    for r in range(nrr):
+                                        if run_label[r] == L and runs[r, 0] >= cuty:
+                                            run_label[r] = kk
+                                nrr = n_all
                                 kk += 1
                                 cut = True
                                 big = True
+                            else:
+                                nocut[L] = True
                     if big:
+                        # areas of the new labels
                         area = np.zeros(kk, np.int64)
-                        for yy in range(h):
-                            lrow = lab[yy]
-                            for xx in range(w):
-                                if lrow[xx] > 0:
-                                    area[lrow[xx] - 1] += 1
-                if cut:
-                    nrr = runs_by_value(lab, runs, run_label, y0, x0)
-                    if nrr < 0:
-                        return -1
+                        for r in range(nrr):
+                            area[run_label[r]] += runs[r, 2] - runs[r, 1]
         if nout + kk > cap:
             return -1
         accumulate_runs(runs, nrr, run_label, kk, img, False, stats, nout)
+        lp = np.empty((1, 1), np.int32)
+        bp = np.zeros((h + 2, w + 2), np.uint8)
         if cut:
-            # labels no longer follow 8-connectivity of the mask: perimeter per label image
-            perimeter_from_labels(lab, stats, nout, weights)
+            # labels no longer follow the 8-connectivity of the mask: a border pixel is one
+            # with a 4-neighbour of another label (padded label image, branch-free)
+            lp = np.zeros((h + 2, w + 2), np.int32)
+            for yy in range(h):
+                src = lab[yy]
+                dst = lp[yy + 1, 1:w + 1]
+                for xx in range(w):
+                    dst[xx] = src[xx]
+            for yy in range(1, h + 1):
+                up = lp[yy - 1, 1:w + 1]
+                me = lp[yy, 1:w + 1]
+                dn = lp[yy + 1, 1:w + 1]
+                lf = lp[yy, 0:w]
+                rt = lp[yy, 2:w + 2]
+                brow = bp[yy, 1:w + 1]
+                for xx in range(w):
+                    L = me[xx]
+                    brow[xx] = np.uint8((L != 0) & ((up[xx] != L) | (dn[xx] != L)
+                                                    | (lf[xx] != L) | (rt[xx] != L)))
         else:
             # border pixels: foreground with a 4-neighbour outside the mask (branch-free)
-            bp = np.zeros((h + 2, w + 2), np.uint8)
             for yy in range(1, h + 1):
                 up = mp[yy - 1, 1:w + 1]
                 me = mp[yy, 1:w + 1]
@@ -907,18 +973,34 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
             s = stats[nout + run_label[r]]
             s[S_BRIGHT] += acc
             s[S_STRONG] += cnt
-            if not cut:
-                py = y - y0 + 1
-                up = bp[py - 1, a - x0:b - x0 + 2]     # pixel t of the run is at t + 1
-                me = bp[py, a - x0:b - x0 + 2]
-                dn = bp[py + 1, a - x0:b - x0 + 2]
-                per = 0.0
+            # perimeter (scikit-image's border configurations): border pixels among the
+            # 8-neighbours of a border pixel that belong to its label
+            py = y - y0 + 1
+            up = bp[py - 1, a - x0:b - x0 + 2]     # pixel t of the run is at t + 1
+            me = bp[py, a - x0:b - x0 + 2]
+            dn = bp[py + 1, a - x0:b - x0 + 2]
+            per = 0.0
+            if not cut:      # uncut: 8-neighbours in the mask are in the same component
                 for t in range(1, ln + 1):
                     if me[t]:
                         code = (1 + 2 * (up[t] + dn[t] + me[t - 1] + me[t + 1])
                                 + 10 * (up[t - 1] + up[t + 1] + dn[t - 1] + dn[t + 1]))
                         per += weights[code]
-                s[S_PERIM] += per
+            else:
+                L = run_label[r] + 1
+                lu = lp[py - 1, a - x0:b - x0 + 2]
+                lm = lp[py, a - x0:b - x0 + 2]
+                ld = lp[py + 1, a - x0:b - x0 + 2]
+                for t in range(1, ln + 1):
+                    if me[t]:
+                        code = (1 + 2 * ((up[t] & (lu[t] == L)) + (dn[t] & (ld[t] == L))
+                                         + (me[t - 1] & (lm[t - 1] == L))
+                                         + (me[t + 1] & (lm[t + 1] == L)))
+                                + 10 * ((up[t - 1] & (lu[t - 1] == L)) + (up[t + 1] & (lu[t + 1] == L))
+                                        + (dn[t - 1] & (ld[t - 1] == L))
+                                        + (dn[t + 1] & (ld[t + 1] == L))))
+                        per += weights[code]
+            s[S_PERIM] += per
         # keep labels with seed pixels, compacting in place
         keep = nout
         for i in range(kk):

@@ -116,9 +116,12 @@ def _label_image_runs(labels: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
 
 def to_blobs(fin: np.ndarray, frame_index: int) -> list[Blob]:
     """Finished statistics rows (``FIELDS`` columns) to :class:`Blob` values of one frame."""
-    out = []
-    for r in fin.tolist():
-        out.append(Blob(int(frame_index), r[1], r[2], int(r[0]),
-                        (int(r[3]), int(r[4]), int(r[5]), int(r[6])),
-                        r[7], r[8], r[9], r[10], r[11], r[12]))
-    return out
+    if fin.shape[0] == 0:
+        return []
+    fi = int(frame_index)
+    rows = fin.tolist()
+    areas = fin[:, 0].astype(np.int64).tolist()          # truncation, as int() does
+    boxes = fin[:, 3:7].astype(np.int64).tolist()
+    make = tuple.__new__       # Blob's fields in order, without namedtuple's Python __new__
+    return [make(Blob, (fi, r[1], r[2], a, tuple(bx), r[7], r[8], r[9], r[10], r[11], r[12]))
+            for r, a, bx in zip(rows, areas, boxes)]

@@ -43,7 +43,7 @@ import bisect
 import math
 from typing import Iterable, Iterator
 
-from ..clips import ClipCutter, ClipRecorder, _cut_clamped
+from ..clips import BufferPool, ClipCutter, ClipRecorder, _cut_clamped
 from ..errors import DetectError
 from ..features import compute_features
 from ..types import Blob, CellClip, ChipGeometry, Frame, TrackStatus
@@ -125,6 +125,7 @@ class Linker:
         self.assigner = Assigner(t.assign, t.max_subnet)
         self.cutter = ClipCutter(cfg.clips)
         self._fixed = self.cutter.mode == "fixed"
+        self._pool = BufferPool()      # crop buffers reused from track to track
         self._half = self.cutter.size // 2
         self.max_frames = int(cfg.clips.max_frames)
         self.want_features = bool(features)
@@ -193,15 +194,19 @@ class Linker:
         costs: dict[tuple[int, int], float] = {}
         order = sorted(range(len(blobs)), key=lambda j: blobs[j].cx)
         xs = [blobs[j].cx for j in order]
+        predict = self.predictor.predict
+        gate, growth, max_back = self.gate, self.gate_growth, self.max_back
         for i, tr in enumerate(tracks):
             s = tr.state
-            px, py = self.predictor.predict(s, fi)
+            px, py = predict(s, fi)
             pred.append((px, py))
-            g = self.gate * (1.0 + self.gate_growth * tr.misses)
+            g = gate * (1.0 + growth * tr.misses)
             g2 = g * g
             # behind the last position only by max_back (more if that one was inferred)
-            back = self.max_back + (_SHARE_PX if tr.inferred else 0.0)
-            xmin = max(px - g, s.x - back)
+            back = max_back + (_SHARE_PX if tr.inferred else 0.0)
+            xmin = px - g
+            if s.x - back > xmin:
+                xmin = s.x - back
             lo = bisect.bisect_left(xs, xmin)
             hi = bisect.bisect_right(xs, px + g)
             for k in range(lo, hi):
@@ -221,17 +226,24 @@ class Linker:
 
         # 5. update tracks
         keep: list[_Track] = []
+        width = self.width
+        exit_x = width - self.margin
+        observe = self.predictor.observe
+        fixed = self._fixed
+        half = self._half
         for i, tr in enumerate(tracks):
             s = tr.state
             j = track_blob.get(i)
             done_reason = None
             if j is not None:
                 b = blobs[j]
-                box = tuple(b.bbox)
-                at_edge = _at_edge(box, self.width)
-                self.predictor.observe(s, b.cx, b.cy, fi,
-                                       learn=(s.n_links >= _CONFIRM_LINKS and not at_edge
-                                              and not tr.tail))
+                bx, by = b.cx, b.cy
+                box = b.bbox
+                if type(box) is not tuple:
+                    box = tuple(box)
+                at_edge = box[0] <= 0 or box[2] >= width
+                observe(s, bx, by, fi,
+                        learn=(s.n_links >= _CONFIRM_LINKS and not at_edge and not tr.tail))
                 tr.box = box
                 tr.inferred = False
                 if at_edge:      # a cell entering or leaving grows/shrinks fast: follow it
@@ -241,13 +253,19 @@ class Linker:
                     if s.n_links >= _CONFIRM_LINKS and not tr.tail:
                         self._cell_area += 0.02 * (b.area - self._cell_area)
                 tr.misses = 0
-                tr.x_min = min(tr.x_min, b.cx)
-                tr.x_max = max(tr.x_max, b.cx)
-                tr.exited_edge = box[2] >= self.width - self.margin
+                if bx < tr.x_min:
+                    tr.x_min = bx
+                if bx > tr.x_max:
+                    tr.x_max = bx
+                tr.exited_edge = box[2] >= exit_x
                 if not tr.tail:
                     rec = tr.rec
-                    self._cut(image, b.cx, b.cy, box, rec)
-                    rec.add(None, fi, t_ns, b.cx, b.cy, box, b.area, _shape_of(b))
+                    if fixed:
+                        _cut_clamped(image, math.floor(bx + 0.5) - half,
+                                     math.floor(by + 0.5) - half, rec.slot())
+                    else:
+                        self.cutter(image, bx, by, box, rec.slot())
+                    rec.push(fi, t_ns, bx, by, box, b.area, b[5:])
             elif i in carried:
                 cx, cy, box = carried[i]
                 self.predictor.move(s, cx, cy, fi)
@@ -289,7 +307,8 @@ class Linker:
         for j, b in enumerate(blobs + extra):
             if j in blob_track:
                 continue
-            tr = _Track(self._next_tid, b, ClipRecorder(self.cutter.size, self.max_frames),
+            tr = _Track(self._next_tid, b, ClipRecorder(self.cutter.size, self.max_frames,
+                                                        pool=self._pool),
                         at_start=(fi == self._first_index),
                         entry_ok=(b.bbox[0] <= self.margin and fi != self._first_index))
             self._next_tid += 1
@@ -438,6 +457,12 @@ class Linker:
     def _finish(self, tr: _Track, how: str, t_ns: int) -> CellClip | None:
         if tr.tail:
             return None
+        try:
+            return self._clip_of(tr, how, t_ns)
+        finally:
+            tr.rec.release()        # the clip holds copies: the crop buffer can be reused
+
+    def _clip_of(self, tr: _Track, how: str, t_ns: int) -> CellClip | None:
         rec = tr.rec
         st = self.stats
         if how != "too long":
