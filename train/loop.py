@@ -474,9 +474,13 @@ def _nan_big(v: float) -> float:
 
 
 def _short(m: Mapping[str, Any], ds: ClipDataset) -> dict:
-    """The validation figures an artefact carries (fmh.validation keys)."""
+    """The validation figures an artefact carries (fmh.validation keys; the class sizes give
+    the report the uncertainty of sensitivity and specificity)."""
+    labels = np.asarray(ds.labels)
     return {"sensitivity": m["sensitivity"], "specificity": m["specificity"], "auc": m["auc"],
-            "n_cells": int(len(ds)), "n_donors": int(len(set(ds.donors.tolist())))}
+            "n_cells": int(len(ds)), "n_donors": int(len(set(ds.donors.tolist()))),
+            "n_fetal": int((labels == CLASSES.index("fetal")).sum()),
+            "n_maternal": int((labels == CLASSES.index("maternal")).sum())}
 
 
 def describe_data(stores: Sequence[StoreInfo]) -> str:
