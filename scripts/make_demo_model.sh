@@ -25,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-runs/synth}
-RUN=${RUN:-runs/demo}
+RUN=${RUN:-runs/demo-model}
 DEVICE=${DEVICE:-cpu}
 EPOCHS=${EPOCHS:-24}
 WIDTH=${WIDTH:-8}
