@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
+import onnx
 from onnx import TensorProto, helper  # noqa: E402
 
 from engine.errors import ModelError  # noqa: E402

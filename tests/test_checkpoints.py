@@ -46,7 +46,7 @@ def test_round_trip_is_weights_only_and_identical(tmp_path, r18, clip):
 
 
 def test_numpy_metrics_are_stored_as_plain_numbers(tmp_path, r18):
-    np = pytest.importorskip("numpy")
+    import numpy as np
     ckpt = Checkpoint.from_model(r18, metrics={"auc": np.float32(0.75), "n": np.int64(4),
                                                "curve": np.arange(3)})
     back = load_checkpoint(save_checkpoint(tmp_path / "m.pt", ckpt))

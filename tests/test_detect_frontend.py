@@ -8,7 +8,7 @@ from engine.detect import FrontEnd, GeometryNotFound, find_geometry
 from engine.errors import DetectError
 from engine.types import Blob, Frame
 
-sim = pytest.importorskip("engine.sources.sim", reason="H1's simulator (engine/sources/sim.py)")
+from engine.sources import sim
 
 
 def match_frames(truth, blobs_per_frame, shape, tol=8.0) -> dict:

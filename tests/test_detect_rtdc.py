@@ -22,8 +22,8 @@ from engine.types import Frame
 
 from .conftest import DATA
 
-h5py = pytest.importorskip("h5py")
-pytest.importorskip("hdf5plugin", reason="the .rtdc images are zstd-compressed (hdf5plugin)")
+import h5py
+import hdf5plugin  # noqa: F401  (the .rtdc images are zstd-compressed)
 import hdf5plugin  # noqa: E402,F401  (registers the HDF5 compression filters)
 
 SETS = [("rtdc_rbc_cytoshot40", "cytoshot-test-data.rtdc"),

@@ -132,7 +132,6 @@ def test_every_source_type_gives_the_same_cells(seq, detected, tmp_path):
 
 @pytest.mark.parametrize("fname", ["cytoshot-test-data.rtdc", "dcnum_thresh_example.rtdc"])
 def test_detect_rtdc_with_recorded_background(fname, tmp_path):
-    pytest.importorskip("hdf5plugin")
     src = DATA / "rtdc" / fname
     with h5py.File(src, "r") as h:
         n_events = h["events/image"].shape[0]
