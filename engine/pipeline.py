@@ -93,6 +93,9 @@ class RunOptions:
     throttle_s : float
         Sleep this long [s] after every frame: a slow front end, for fault tests of frame
         dropping. 0 in normal use.
+    stall : (int, float), optional
+        ``(k, s)``: sleep ``s`` [s] once, after the ``k``-th processed frame: a one-off stall
+        of the frame loop (a compile, a page-in), for fault tests. None in normal use.
     donor, label : str
         Written into clips.h5 (one sequence = one donor) so the store is training material;
         ``label`` is "fetal", "maternal" or "" when unknown.
@@ -111,6 +114,7 @@ class RunOptions:
     background: str = ""
     live: bool | None = None
     throttle_s: float = 0.0
+    stall: tuple[int, float] | None = None
     donor: str = ""
     label: str = ""
 
@@ -446,6 +450,9 @@ def run_pipeline(cfg: Config, opts: RunOptions,
     out = Path(opts.out)
     if opts.throttle_s < 0 or not math.isfinite(opts.throttle_s):
         raise EngineError(f"throttle_s={opts.throttle_s}: must be >= 0")
+    if opts.stall is not None and not (len(opts.stall) == 2 and opts.stall[0] >= 0
+                                       and 0 <= opts.stall[1] < math.inf):
+        raise EngineError(f"stall={opts.stall!r}: must be (frame >= 0, seconds >= 0)")
     desc, shape, live, recorded_bg = _describe_source(opts.source, cfg, {})
     if opts.live is not None:
         live = opts.live
@@ -484,6 +491,7 @@ def run_pipeline(cfg: Config, opts: RunOptions,
     clip_store = dispatcher = workers = ring = proc = elastic = None
     status_q = stop_ev = None
     frontend = linker = geometry = None
+    regap: dict = {}                 # background rebuilt after gaps (_reprime_after_gaps)
     n_frames = 0
     status, error = "complete", ""
     progress = _Progress(opts.progress, desc.get("n_frames"), opts.max_frames, opts.loop)
@@ -549,6 +557,7 @@ def run_pipeline(cfg: Config, opts: RunOptions,
                 _prime(frontend, [f.image for f in sample], elastic)
                 timing["prime_s"] = round(time.perf_counter() - t0, 3)
             del sample
+        frames_iter = _reprime_after_gaps(frames_iter, frontend, cfg, stop, elastic, regap)
         geometry = frontend.geometry
         linker = Linker(cfg, geometry)
 
@@ -579,6 +588,8 @@ def run_pipeline(cfg: Config, opts: RunOptions,
             n_frames += 1
             if opts.throttle_s:
                 time.sleep(opts.throttle_s)
+            if opts.stall is not None and n_frames == opts.stall[0]:
+                time.sleep(opts.stall[1])
             if progress.due(now, on_status is not None):
                 st = _status(n_frames, files, dispatcher, ring)
                 progress.update(st)
@@ -607,6 +618,8 @@ def run_pipeline(cfg: Config, opts: RunOptions,
                                        workers, ring, proc, status_q, stop_ev, frontend, linker,
                                        geometry, n_frames, lat, progress, elastic_info)
             status, error = extra.pop("_status"), extra.get("error", "")
+            if regap:
+                extra["background_after_gaps"] = regap
             timing["seconds"] = round(time.perf_counter() - t_start, 3)
             files.update_counts(**counts)
             files.close(status, timing=timing, progress=series.to_dict(), **extra)
@@ -787,7 +800,7 @@ class _Elastic:
         while self.count < self.cap:
             frame = self.ring.get(timeout=0)
             if frame is None:
-                return
+                break
             k = (self.head + self.count) % self.cap
             np.copyto(self.buf[k], frame.image)
             self.index[k], self.t_ns[k] = frame.index, frame.t_ns
@@ -805,16 +818,18 @@ class _Elastic:
         return {"capacity": self.cap, "max_held": self.high, "frames_moved": self.moved}
 
 
-def _prime(frontend, images: list, elastic: _Elastic | None) -> None:
-    """Build the background; with a live ring, keep draining it meanwhile."""
+def _prime(frontend, images: list, elastic: _Elastic | None, again: bool = False) -> None:
+    """Build the background (``again``: afresh, :meth:`FrontEnd.reprime`); with a live ring,
+    keep draining it meanwhile."""
+    build = frontend.reprime if again else frontend.prime
     if elastic is None:
-        frontend.prime(images)
+        build(images)
         return
     err: list[BaseException] = []
 
     def work():
         try:
-            frontend.prime(images)
+            build(images)
         except BaseException as exc:       # re-raised in the caller's thread
             err.append(exc)
 
@@ -885,7 +900,18 @@ def _take_primer(frames_iter, cfg: Config, stop: _Stop):
     first 400, so that cells have moved between samples (the first 100 in a row hold the
     same cells and make a slower, masked median: measured, more frames dropped on a live
     source). Later frames wait in the ring meanwhile; the front end's running background
-    keeps the background current afterwards."""
+    keeps the background current afterwards, and after a long gap in the stream it is built
+    afresh (:func:`_reprime_after_gaps`)."""
+    held, sample = _hold_sample(frames_iter, cfg)
+    if len(sample) < 3 and not stop.requested and len(held) < 3:
+        raise SourceError(f"too few frames ({len(held)}) to build a background; "
+                          "give one with --background")
+    return sample, _held_then(held, frames_iter)
+
+
+def _hold_sample(frames_iter, cfg: Config) -> tuple[list[Frame], list[Frame]]:
+    """Copies of the next ``4 * bg_frames`` frames (fewer at the end of the stream) and the
+    background sample among them (every 4th; all when there are few)."""
     n = cfg.frontend.bg_frames
     stride = 4
     held: list[Frame] = []
@@ -893,11 +919,43 @@ def _take_primer(frames_iter, cfg: Config, stop: _Stop):
         held.append(Frame(frame.index, frame.t_ns, frame.image.copy()))
         if len(held) >= n * stride:
             break
-    sample = held[::stride] if len(held) >= 3 * stride else held
-    if len(sample) < 3 and not stop.requested and len(held) < 3:
-        raise SourceError(f"too few frames ({len(held)}) to build a background; "
-                          "give one with --background")
-    return sample, _held_then(held, frames_iter)
+    return held, (held[::stride] if len(held) >= 3 * stride else held)
+
+
+def _reprime_after_gaps(frames_iter, frontend, cfg: Config, stop: _Stop,
+                        elastic: _Elastic | None, info: dict):
+    """The frames, with the background built afresh after every gap of at least
+    ``bg_update_frames // 4`` frames (one commit period of the running background).
+
+    A live run that stalls loses frames (drop-oldest), and the scene drifts meanwhile (focus,
+    illumination); the running background follows drift only at the pace of the frames it
+    processes, so after a gap of seconds it is behind the scene and every edge of the chip
+    crosses the thresholds as spurious blobs, which the tracker turns into hundreds of
+    spurious cells until the running mean catches up (measured: 1,078 cells instead of 231
+    after a 1,740-frame gap in 8,000 simulated frames). Instead, the frames after the gap
+    are held (copied), a background is built from them as at the start (every 4th of
+    ``4 * bg_frames``) and only then are they processed. Off when ``bg_update_frames`` is 0
+    (the background is fixed). ``info`` counts the rebuilds and the largest gap [frames].
+    """
+    min_gap = cfg.frontend.bg_update_frames // 4
+    last = None
+    it = iter(frames_iter)
+    for frame in it:
+        gap = frame.index - last - 1 if last is not None else 0
+        if min_gap <= 0 or gap < min_gap or stop.requested:
+            last = frame.index
+            yield frame
+            continue
+        info["max_gap"] = max(info.get("max_gap", 0), int(gap))
+        held, sample = _hold_sample(itertools.chain([frame], it), cfg)
+        if len(sample) >= 3 and not stop.requested:
+            t0 = time.perf_counter()
+            _prime(frontend, [f.image for f in sample], elastic, again=True)
+            info["rebuilds"] = info.get("rebuilds", 0) + 1
+            info["seconds"] = round(info.get("seconds", 0.0) + time.perf_counter() - t0, 3)
+        del sample
+        last = held[-1].index
+        yield from _held_then(held, ())
 
 
 def _held_then(held: list[Frame], rest):

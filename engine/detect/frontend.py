@@ -61,7 +61,8 @@ class FrontEnd:
     Attributes
     ----------
     stats : dict
-        ``frames``, ``blobs``, ``rejoined`` and per-stage times ``us_*`` [µs, summed].
+        ``frames``, ``blobs``, ``rejoined``, ``reprimes`` (see :meth:`reprime`) and per-stage
+        times ``us_*`` [µs, summed].
     """
 
     def __init__(self, cfg, background: np.ndarray | None = None,
@@ -75,7 +76,7 @@ class FrontEnd:
         self.geometry_note = "given" if geometry is not None else ""
         self.bg: Background | None = None
         self.stats = {"frames": 0, "blobs": 0, "rejoined": 0, "dropped_small": 0,
-                      "dropped_large": 0, "static_dropped": 0, "buffer_grows": 0,
+                      "dropped_large": 0, "static_dropped": 0, "buffer_grows": 0, "reprimes": 0,
                       "us_detect": 0.0, "us_rejoin": 0.0, "us_blobs": 0.0, "us_background": 0.0}
         self._runs = np.empty((4096, 3), np.int64)
         self._run_label = np.empty(4096, np.int64)
@@ -167,6 +168,22 @@ class FrontEnd:
         self.set_background(bg, policy=policy, noise_sd=sd)
         self.bg.prime_frames = len(sample)
         self.bg.prime_frames_with_cells = warn
+
+    def reprime(self, images: Sequence[np.ndarray]) -> None:
+        """Build the background afresh from ``images`` (as :meth:`prime`), keeping the geometry.
+
+        For a stream that resumes after a long gap (frames dropped in a stall, a camera that
+        paused): the running background follows drift at the pace of the frames processed
+        (time constant ``bg_update_frames``), so a gap of hundreds of frames leaves it behind
+        the scene (focus or illumination drifted meanwhile), and the difference reaches the
+        thresholds along every edge of the chip as spurious blobs until the running mean has
+        caught up. Counted in ``stats["reprimes"]``.
+        """
+        geometry, note = self._geometry, self.geometry_note
+        self.prime(images)
+        if geometry is not None:             # the tracker already uses it: keep it
+            self._geometry, self.geometry_note = geometry, note
+        self.stats["reprimes"] += 1
 
     @property
     def background(self) -> np.ndarray | None:
