@@ -11,7 +11,10 @@
   or not.
 - ``cells.parquet``: one row per cell with its features, and ``p_fetal``/``label`` (plus the
   latency of its prediction) once classified; rewritten atomically at every checkpoint and at
-  the end from rows kept in memory (a sequence has hundreds to a few thousand cells).
+  the end from rows kept in memory. The rows are kept compact (features and timings as float
+  arrays, not dicts of Python floats): 0.85 kB a classified cell with 22 features instead of
+  1.7 kB (tracemalloc), i.e. ~0.7 MB per minute at 13 cells/s; the full record of every
+  prediction (probs, model id) is in predictions.jsonl.
 - ``predictions.jsonl``: one JSON prediction per line, appended and flushed as they arrive.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -50,6 +54,7 @@ _BASE = ("cell_id", "first_frame", "last_frame", "n_frames", "status", "reason")
 _INT_COLS = ("cell_id", "first_frame", "last_frame", "n_frames", "exit_frame", "close_frame",
              "attempts")
 _STR_COLS = ("status", "reason", "label", "error")
+_NO_PRED = "no prediction"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -124,9 +129,14 @@ class RunFiles:
         self.manifest.setdefault("counts", {})
         self.manifest["status"] = "running"
         self.manifest["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self._cells: dict[int, dict] = {}
-        self._preds: dict[int, Prediction] = {}
-        self._timing: dict[int, dict] = {}
+        # Per cell, compact (kept for the whole run): cell id -> (first_frame, last_frame,
+        # n_frames, status, reason, features float64 array indexed by _feat_idx, NaN = absent);
+        # cell id -> (p_fetal, label, error); cell id -> TIMING_FIELDS float64 array (NaN =
+        # absent).
+        self._cells: dict[int, tuple] = {}
+        self._feat_idx: dict[str, int] = {}
+        self._preds: dict[int, tuple[float, str, str]] = {}
+        self._timing: dict[int, np.ndarray] = {}
         self.n_predictions = self.n_fetal = self.n_errors = 0
         self._rows: list[pa.Table] = []
         self._n_rows = 0
@@ -148,18 +158,24 @@ class RunFiles:
             "x0": b[:, 0], "y0": b[:, 1], "x1": b[:, 2], "y1": b[:, 3],
             "area": np.asarray(clip.areas, np.int32),
         }, schema=TRACK_SCHEMA)
-        row = {"cell_id": int(clip.cell_id),
-               "first_frame": int(clip.frame_indices[0]) if n else -1,
-               "last_frame": int(clip.frame_indices[-1]) if n else -1,
-               "n_frames": int(n), "status": getattr(clip.status, "value", str(clip.status)),
-               "reason": clip.reason}
-        for k, v in clip.features.items():
-            if k in _BASE or k in TIMING_FIELDS or k in ("p_fetal", "label", "error"):
-                continue                     # a feature never overwrites a table column
-            row[k] = float(v) if v is not None else math.nan
+        feats = [(str(k), float(v) if v is not None else math.nan)
+                 for k, v in clip.features.items()
+                 # a feature never overwrites a table column
+                 if k not in _BASE and k not in TIMING_FIELDS and k not in ("p_fetal", "label",
+                                                                            "error")]
         with self._lock:
             if self._closed:
                 return
+            for k, _ in feats:
+                if k not in self._feat_idx:
+                    self._feat_idx[k] = len(self._feat_idx)
+            values = np.full(len(self._feat_idx), np.nan)
+            for k, v in feats:
+                values[self._feat_idx[k]] = v
+            row = (int(clip.frame_indices[0]) if n else -1,
+                   int(clip.frame_indices[-1]) if n else -1, int(n),
+                   _intern(getattr(clip.status, "value", str(clip.status))),
+                   _intern(str(clip.reason)), values)
             self._rows.append(table)
             self._n_rows += n
             if self._n_rows >= ROW_GROUP:
@@ -192,9 +208,11 @@ class RunFiles:
         with self._lock:
             cid = int(pred.cell_id)
             first = cid not in self._preds
-            self._preds[cid] = pred
+            self._preds[cid] = (float(pred.p_fetal), _intern(str(pred.label)),
+                                _intern(str(pred.error)))
             if timing:
-                self._timing[cid] = {k: rec[k] for k in TIMING_FIELDS if k in rec}
+                self._timing[cid] = np.array([math.nan if rec.get(k) is None else rec[k]
+                                              for k in TIMING_FIELDS], np.float64)
             if first:
                 self.n_predictions += 1
                 if pred.error:
@@ -209,13 +227,16 @@ class RunFiles:
         return len(self._cells)
 
     def predictions(self) -> dict[int, Prediction]:
+        """The predictions received so far (cell id -> Prediction with ``cell_id``,
+        ``p_fetal``, ``label`` and ``error``; probs and model id are in predictions.jsonl)."""
         with self._lock:
-            return dict(self._preds)
+            return {k: Prediction(cell_id=k, p_fetal=p, label=lab, error=err)
+                    for k, (p, lab, err) in self._preds.items()}
 
     def timings(self) -> dict[int, dict]:
-        """Per-cell timing records received so far (cell id -> TIMING_FIELDS)."""
+        """Per-cell timing records received so far (cell id -> the TIMING_FIELDS it has)."""
         with self._lock:
-            return {k: dict(v) for k, v in self._timing.items()}
+            return {k: _timing_dict(v) for k, v in self._timing.items()}
 
     # -- progress and end -----------------------------------------------------------------
     def update_counts(self, **counts: Any) -> None:
@@ -249,35 +270,52 @@ class RunFiles:
             write_json_atomic(self.out / "manifest.json", self.manifest)
 
     def _write_cells(self) -> None:
-        rows = [dict(r) for _, r in sorted(self._cells.items())]
-        classified = self.classify or bool(self._preds)
-        for r in rows:
-            p = self._preds.get(r["cell_id"])
-            if classified:
-                r["p_fetal"] = float(p.p_fetal) if p is not None and not p.error else math.nan
-                r["label"] = (p.label if p is not None and not p.error else "")
-                r["error"] = (p.error if p is not None else "no prediction")
-                t = self._timing.get(r["cell_id"], {})
-                for k in TIMING_FIELDS:
-                    r[k] = t.get(k)
-        keys = list(_BASE)
-        for r in rows:
-            keys.extend(k for k in r if k not in keys)
-        if classified:
-            keys.extend(k for k in ("p_fetal", "label", "error", *TIMING_FIELDS) if k not in keys)
-        cols = {}
-        for k in keys:
-            vals = [r.get(k) for r in rows]
-            if k in _STR_COLS:
-                cols[k] = pa.array([v if v is not None else "" for v in vals], pa.string())
-            elif k in _INT_COLS:
-                cols[k] = pa.array([-1 if v is None else int(v) for v in vals], pa.int64())
-            else:
-                cols[k] = pa.array([math.nan if v is None else float(v) for v in vals],
-                                   pa.float64())
+        ids = sorted(self._cells)
+        rows = [self._cells[i] for i in ids]
+        n, nf = len(ids), len(self._feat_idx)
+        cols: dict[str, pa.Array] = {"cell_id": pa.array(ids, pa.int64())}
+        for j, k in enumerate(_BASE[1:]):
+            vals = [r[j] for r in rows]
+            cols[k] = pa.array(vals, pa.string() if k in _STR_COLS else pa.int64())
+        feats = np.full((n, nf), np.nan)
+        for i, r in enumerate(rows):
+            feats[i, :len(r[5])] = r[5]
+        for k, j in self._feat_idx.items():
+            cols[k] = pa.array(feats[:, j], pa.float64())
+        if self.classify or self._preds:
+            preds = [self._preds.get(i) for i in ids]
+            cols["p_fetal"] = pa.array([p[0] if p is not None and not p[2] else math.nan
+                                        for p in preds], pa.float64())
+            cols["label"] = pa.array([p[1] if p is not None and not p[2] else ""
+                                      for p in preds], pa.string())
+            cols["error"] = pa.array([p[2] if p is not None else _NO_PRED for p in preds],
+                                     pa.string())
+            none = np.full(len(TIMING_FIELDS), np.nan)
+            t = np.array([self._timing.get(i, none) for i in ids],
+                         np.float64).reshape(n, len(TIMING_FIELDS))
+            for j, k in enumerate(TIMING_FIELDS):
+                if k in _INT_COLS:
+                    cols[k] = pa.array(np.where(np.isnan(t[:, j]), -1, t[:, j]).astype(np.int64),
+                                       pa.int64())
+                else:
+                    cols[k] = pa.array(t[:, j], pa.float64())
         tmp = self.out / "cells.parquet.tmp"
         pq.write_table(pa.table(cols), str(tmp))
         os.replace(tmp, self.out / "cells.parquet")
+
+
+def _intern(text: str) -> str:
+    """One shared copy of a short, repeated string (labels, statuses, errors)."""
+    return sys.intern(text) if len(text) <= 64 else text
+
+
+def _timing_dict(values: np.ndarray) -> dict:
+    """A compact timing record back to {field: value} (absent fields left out)."""
+    out: dict[str, Any] = {}
+    for k, v in zip(TIMING_FIELDS, values.tolist()):
+        if not math.isnan(v):
+            out[k] = int(v) if k in _INT_COLS else v
+    return out
 
 
 def _finite_or_none(x: Any):

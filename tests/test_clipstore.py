@@ -125,3 +125,33 @@ def test_missing_and_corrupt_store(tmp_path):
         r = ClipStoreReader(cut)
         for c in r:
             pass
+
+
+def test_writer_caches_stay_bounded(tmp_path):
+    """A long run appends thousands of clips: HDF5's metadata cache (the chunk index) and the
+    per-dataset chunk caches must not grow with the file (with HDF5's defaults the metadata
+    cache reaches 256 KiB after about 3,000 chunks, and costs ~13x that in memory)."""
+    from engine import clipstore
+    cap = clipstore._MDC_BYTES
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (240, 8, 8), dtype=np.uint8)
+    feats = {"deform": 0.1, "area_um": 40.0}
+    with ClipStoreWriter(tmp_path / "clips.h5", {"donor": "d"}, flush_every=64) as w:
+        w.append(make_clip(0, 5, h=8, w=8, features=feats))    # 8-frame chunks from here on
+        base = make_clip(1, 240, h=8, w=8, features=feats)
+        for i in range(1, 161):                                # ~4,800 frame chunks
+            w.append(CellClip(**{**{s: getattr(base, s) for s in base.__slots__},
+                                 "cell_id": i, "frames": frames}))
+        f = w._f
+        assert f["frames"].id.get_num_chunks() > 4000
+        max_size, _, cur_size, _ = f.id.get_mdc_size()
+        assert max_size <= cap and cur_size <= cap
+        for name in ("frames", "frame_indices", "boxes", "cell_id", "reason", "features/deform"):
+            ds = f[name]
+            chunk_bytes = int(np.prod(ds.chunks)) * max(ds.dtype.itemsize, 16 if name == "reason" else 0)
+            _, nbytes, w0 = ds.id.get_access_plist().get_chunk_cache()
+            assert nbytes <= clipstore._CACHE_CHUNKS * chunk_bytes, name
+            assert w0 == 1.0, name
+    r = ClipStoreReader(tmp_path / "clips.h5")
+    assert len(r) == 161
+    np.testing.assert_array_equal(r.frames(160), frames)

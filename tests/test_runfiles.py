@@ -104,3 +104,40 @@ def test_track_rows_are_grouped(tmp_path, monkeypatch):
     assert meta.num_rows == 60 and 1 < meta.num_row_groups < 10
     rows = pq.read_table(tmp_path / "tracks.parquet").to_pandas()
     assert np.array_equal(rows["cell_id"].unique(), np.arange(10))
+
+
+def test_per_cell_records_stay_small(tmp_path):
+    """RunFiles keeps one record per cell for the whole run (cells.parquet is rewritten from
+    them): it must not hold on to the clip's feature dict, the Prediction or dicts of Python
+    floats (measured 2-4 kB a cell that way; a one-hour run at 13 cells/s has ~47,000)."""
+    import tracemalloc
+    from dataclasses import replace
+    base = make_clip(0, frames=4)
+    f = RunFiles(tmp_path / "run", {"source": {"spec": "x"}}, classify=True)
+
+    def add(cid):
+        feats = {f"feat_{k}": float(np.float64(k + cid * 1e-3)) for k in range(22)}
+        f.add_clip(replace(base, cell_id=cid, features=feats))
+        timing = {k: float(cid) for k in TIMING_FIELDS}
+        f.add_prediction(Prediction(cid, 0.25 + cid * 1e-6, "maternal".join(["", ""]),
+                                    (0.75, 0.25), "model-" + "x" * 12), timing)
+
+    for cid in range(50):                    # warm up (first allocations, imports)
+        add(cid)
+    f.checkpoint()
+    n = 400
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for cid in range(50, 50 + n):
+            add(cid)
+        per_cell = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    assert per_cell < 1200, f"{per_cell:.0f} bytes a cell"
+    f.close("complete")
+    cells = pq.read_table(tmp_path / "run" / "cells.parquet").to_pandas().set_index("cell_id")
+    assert len(cells) == 50 + n
+    assert cells.loc[449, "feat_21"] == pytest.approx(21 + 0.449)
+    assert cells.loc[449, "latency_ms"] == 449.0 and cells.loc[449, "attempts"] == 449
+    assert cells.loc[449, "label"] == "maternal"
