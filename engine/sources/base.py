@@ -51,6 +51,8 @@ class FrameSource(abc.ABC):
         self.name = str(name)
         self.stats = SourceStats()
         self._state = "new"
+        # Frame numbers the subclass skipped on purpose just before the frame it yields next.
+        self._skipped_before = 0
 
     # -- lifecycle ------------------------------------------------------------------------
     def open(self) -> "FrameSource":
@@ -91,8 +93,13 @@ class FrameSource(abc.ABC):
         st = self.stats
         for frame in self._do_frames():
             if st.last_index >= 0 and frame.index > st.last_index + 1:
-                st.gaps += frame.index - st.last_index - 1
-                st.gap_events += 1
+                # Numbers skipped on purpose just before this frame (a replay's step, a
+                # camera queue's own drops) are counted by the source elsewhere, not as gaps.
+                jump = frame.index - st.last_index - 1
+                gap = jump - min(self._skipped_before, jump)
+                if gap > 0:
+                    st.gaps += gap
+                    st.gap_events += 1
             st.last_index = frame.index
             st.frames_read += 1
             yield frame

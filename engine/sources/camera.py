@@ -84,7 +84,9 @@ class Camera(FrameSource):
         self._cond = threading.Condition()
         self._queue: collections.deque = collections.deque()
         self._carry = 0             # drops owed to the next queued frame
-        self._dropped_before = 0    # frames the queue dropped just before the frame read last
+        # Frame-number jumps caused by this queue's own drops are not gaps (they are in
+        # queue_dropped): the base class subtracts _skipped_before when it counts gaps.
+        self._skipped_before = 0
         self._ended = False         # the stream ended (END was fetched)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -232,26 +234,6 @@ class Camera(FrameSource):
             self._cond.notify()
 
     # -- consumer -------------------------------------------------------------------------
-    def frames(self) -> Iterator[Frame]:
-        """Yield frames until the camera is disabled or its stream ends (queue drained).
-
-        Frame-number jumps caused by this queue's own drops are not counted as gaps; they are
-        in :attr:`queue_dropped`.
-        """
-        st = self.stats
-        prev = None
-        for frame in super().frames():
-            dropped = self._dropped_before
-            if dropped and prev is not None:
-                counted = frame.index - prev - 1
-                fix = min(dropped, max(counted, 0))
-                if fix:
-                    st.gaps -= fix
-                    if fix == counted:
-                        st.gap_events -= 1
-            prev = frame.index
-            yield frame
-
     def _do_frames(self) -> Iterator[Frame]:
         last_arrival = time.monotonic()
         while True:
@@ -265,7 +247,7 @@ class Camera(FrameSource):
                         raise SourceError(f"{self.name}: no frame for {self.stall_timeout_s} s "
                                           f"({self.n_errors} fetch errors; last: "
                                           f"{self.errors[-1] if self.errors else 'none'})")
-                frame, self._dropped_before = self._queue.popleft()
+                frame, self._skipped_before = self._queue.popleft()
             last_arrival = time.monotonic()
             yield frame
 

@@ -201,7 +201,7 @@ class ReplaySource(FrameSource):
                                 if self._stop is not None else self._count, self._step)
         self._rep_starts: list[int] = []   # first frame number of each repetition
         self._rep_offsets: list[int] = []  # number offset of each repetition
-        self._skipped_before = 0           # stored frames skipped (step) before the next frame
+        self._skipped_before = 0           # stored frames skipped (step): not gaps (see base)
 
     # -- description ----------------------------------------------------------------------
     @property
@@ -259,23 +259,6 @@ class ReplaySource(FrameSource):
     def _iter_positions(self, positions: range) -> Iterator[tuple[int, np.ndarray]]:
         for pos in positions:
             yield pos, self._read(pos)
-
-    # -- frames ---------------------------------------------------------------------------
-    def frames(self) -> Iterator[Frame]:
-        """Yield frames in order; frames skipped on purpose (``step``) are not gaps."""
-        prev = None
-        st = self.stats
-        for frame in super().frames():
-            skipped = self._skipped_before
-            if skipped and prev is not None:
-                counted = frame.index - prev - 1  # what the base class just counted as gap
-                fix = min(skipped, max(counted, 0))
-                if fix:
-                    st.gaps -= fix
-                    if fix == counted:
-                        st.gap_events -= 1
-            prev = frame.index
-            yield frame
 
     def _number(self, pos: int) -> int:
         return int(self._numbers[pos]) if self._numbers is not None else pos
