@@ -362,16 +362,7 @@ def finish_stats(stats, n, out):
     for i in range(n):
         s = stats[i]
         a = s[S_AREA]
-        cx = s[S_SX] / a
-        cy = s[S_SY] / a
-        # central second moments per pixel, +1/12 for the pixel's own extent
-        mxx = s[S_SXX] / a - cx * cx + 1.0 / 12.0
-        myy = s[S_SYY] / a - cy * cy + 1.0 / 12.0
-        mxy = s[S_SXY] / a - cx * cy
-        tr = 0.5 * (mxx + myy)
-        det = math.sqrt(max(0.25 * (mxx - myy) ** 2 + mxy * mxy, 0.0))
-        l1 = tr + det
-        l2 = max(tr - det, 0.0)
+        cx, cy, mxx, myy, mxy, l1, l2 = _moments(s)
         o = out[i]
         o[F_AREA] = a
         o[F_CX] = cx
@@ -391,8 +382,9 @@ def finish_stats(stats, n, out):
 
 
 @njit(cache=True, nogil=True)
-def _ratio(s):
-    """Inertia ratio minor/major (0..1) of a statistics row."""
+def _moments(s):
+    """Centroid, central second moments per pixel (+1/12 for the pixel's own extent) and
+    their eigenvalues (l1 >= l2 >= 0) of a statistics row."""
     a = s[S_AREA]
     cx = s[S_SX] / a
     cy = s[S_SY] / a
@@ -401,8 +393,13 @@ def _ratio(s):
     mxy = s[S_SXY] / a - cx * cy
     tr = 0.5 * (mxx + myy)
     det = math.sqrt(max(0.25 * (mxx - myy) ** 2 + mxy * mxy, 0.0))
-    l1 = tr + det
-    l2 = max(tr - det, 0.0)
+    return cx, cy, mxx, myy, mxy, tr + det, max(tr - det, 0.0)
+
+
+@njit(cache=True, nogil=True)
+def _ratio(s):
+    """Inertia ratio minor/major (0..1) of a statistics row."""
+    _, _, _, _, _, l1, l2 = _moments(s)
     if l1 <= 0:
         return 1.0
     return math.sqrt(l2 / l1)
