@@ -11,45 +11,10 @@ from engine.types import Blob, Frame
 from engine.sources import sim
 
 
-def match_frames(truth, blobs_per_frame, shape, tol=8.0) -> dict:
-    """Per-frame recall/precision, as bench/bench_frontend.py scores them.
+# The benchmark's scoring, so that test and bench/RESULTS.md measure the same thing:
+# one-to-one matching within tol px; recall over cells fully inside the frame.
+from bench.bench_frontend import match_frames
 
-    Truth and detections are matched one-to-one (Hungarian, centroid within ``tol`` px).
-    Recall counts the cells whose truth box lies fully inside the frame; a detection is a
-    false positive when it matches no cell at all (one matching a cell cut by the frame edge
-    counts for neither).
-    """
-    from scipy.optimize import linear_sum_assignment
-    H, W = shape
-    by = {}
-    for c in truth.cells:
-        for fn, cxy, box in zip(c.frame_numbers, c.centroids, c.boxes):
-            by.setdefault(int(fn), []).append((cxy, box))
-    tp = fn_ = fp = 0
-    for i, num in enumerate(truth.frame_numbers):
-        tl = by.get(int(num), [])
-        bl = blobs_per_frame[i]
-        if not tl:
-            fp += len(bl)
-            continue
-        inside = np.array([b[0] > 0 and b[1] > 0 and b[2] < W and b[3] < H for _, b in tl])
-        T = np.array([t[0] for t in tl], float)
-        D = np.array([[b.cx, b.cy] for b in bl], float).reshape(-1, 2)
-        r = c = np.zeros(0, int)
-        if len(bl):
-            d = np.hypot(T[:, None, 0] - D[None, :, 0], T[:, None, 1] - D[None, :, 1])
-            r, c = linear_sum_assignment(np.where(d <= tol, d, 1e6))
-            ok = d[r, c] <= tol
-            r, c = r[ok], c[ok]
-        mt = np.zeros(len(tl), bool)
-        mt[r] = True
-        md = np.zeros(len(bl), bool)
-        md[c] = True
-        tp += int((mt & inside).sum())
-        fn_ += int((~mt & inside).sum())
-        fp += int((~md).sum())
-    return {"recall": tp / max(tp + fn_, 1), "precision": tp / max(tp + fp, 1),
-            "cells": tp + fn_, "fn": fn_, "fp": fp}
 
 N = 300   # frames per case: enough cells, fast on 2 shared cores
 
