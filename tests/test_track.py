@@ -466,3 +466,27 @@ def test_fast_flow_needs_the_learned_flow(cfg):
                             and c.status is TrackStatus.COMPLETE)
     assert covered["flow"] == 15
     assert covered["velocity"] <= 12 and covered["null"] <= 2
+
+
+def test_cell_leaving_on_the_right_closes_at_the_first_missing_frame(cfg):
+    """An exit ends the track at once (no max_gap wait: it only delays classification);
+    a miss while most of the cell is still in view at the edge is bridged as before."""
+    g = geometry()
+    cell = entering(0, 0, 75.0)
+    per_frame = simulate(g, [cell], 400)
+    last = max(f for f, blobs in enumerate(per_frame) if blobs)
+    linker = Linker(cfg, g)
+    img = np.zeros((g.height, g.width), np.uint8)
+    closed_at = None
+    for f, blobs in enumerate(per_frame):
+        if linker.next_level(Frame(f, 1000 * f, img), blobs):
+            closed_at = f
+    assert closed_at == last + 1, (closed_at, last)
+    # a miss one frame after the box first touches the right edge (most of the cell in view)
+    cell = entering(0, 0, 75.0)
+    per_frame = simulate(g, [cell], 400)
+    touch = min(f for f, blobs in enumerate(per_frame) if blobs and blobs[0].bbox[2] >= g.width)
+    per_frame[touch + 1] = []
+    _, clips, _ = run_linker(cfg, g, per_frame)
+    assert len(clips) == 1 and clips[0].status is TrackStatus.COMPLETE
+    assert clips[0].frame_indices[-1] == last

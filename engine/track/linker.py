@@ -23,8 +23,9 @@ Per frame:
    but around its prediction are linked to it (a rescue).
 5. **Misses**: a track without a candidate is predicted through up to ``max_gap`` frames (its
    crop is cut at the predicted position with area 0); then it ends, as an exit when its last
-   box touched the outlet edge, else as lost. A track predicted beyond the right edge ends at
-   once.
+   box touched the outlet edge, else as lost. A track predicted beyond the right edge, or whose
+   predicted part still in view is smaller than the smallest blob (``frontend.min_area``), ends
+   at once: the cell has left, and waiting would only delay its classification.
 6. **New tracks** start from the remaining blobs.
 
 A finished track is a clip from its first to its last detection. It is ``COMPLETE`` when it
@@ -120,6 +121,7 @@ class Linker:
         self.margin = float(t.edge_margin)
         self.merge_ratio = float(t.merge_area_ratio)
         self.min_travel = float(t.min_travel_px)
+        self.min_area = int(cfg.frontend.min_area)
         self.predictor = make_predictor(t.predictor, geometry, prior_vx=t.prior_vx,
                                         bin_px=t.flow_bin_px)
         self.assigner = Assigner(t.assign, t.max_subnet)
@@ -281,7 +283,8 @@ class Linker:
                 px, py = pred[i]
                 tr.misses += 1
                 half_w = 0.5 * (tr.box[2] - tr.box[0])
-                if px - half_w >= self.width or tr.misses > self.max_gap:
+                if (px - half_w >= self.width or tr.misses > self.max_gap
+                        or self._gone_right(tr, px)):
                     done_reason = "exit" if tr.exited_edge else "lost"
                 else:
                     st["gap_frames"] += 1
@@ -337,6 +340,21 @@ class Linker:
         return out
 
     # -- internals ---------------------------------------------------------------------------
+    def _gone_right(self, tr: _Track, px: float) -> bool:
+        """True when a track last seen touching the right image edge has moved out of view.
+
+        The part of the cell still inside the image, with its box moved to the prediction
+        ``px`` and filled as the last blob filled its box, is smaller than the smallest blob the front end reports (``frontend.min_area``):
+        it cannot be seen again, so the track ends now instead of waiting ``max_gap`` frames.
+        A miss while most of the cell is still in view waits as before.
+        """
+        x0, y0, x1, y1 = tr.box
+        if x1 < self.width or tr.inferred:
+            return False
+        box_area = max((x1 - x0) * (y1 - y0), 1)
+        fill = min(tr.area / box_area, 1.0)         # the blob's share of its box, as measured
+        left = x0 + (px - tr.state.x)
+        return fill * (self.width - left) * (y1 - y0) < self.min_area
     def _cut(self, image, cx: float, cy: float, box, rec: ClipRecorder) -> None:
         """Cut this frame's crop of a track straight into its recorder's next slot."""
         if self._fixed:      # the common case without the wrappers' Python overhead
