@@ -7,6 +7,11 @@ that they all see the same machine load. Prints median / p99 / max [ms] per mode
 ``bench/out/model_latency.json``.
 
     .venv/bin/python -m bench.bench_model_latency engine/data/demo_model.onnx [OTHER.onnx ...]
+
+``--compare-lowering`` also exports, for each given model, a network of the same architecture
+(from its ``fmh.arch`` metadata, random weights: the speed does not depend on them) twice, with
+the 3D convolutions as they are and written as 2D convolutions over the frames
+(:mod:`export.lowering`), and times both in the same interleaved run (needs torch).
 """
 from __future__ import annotations
 
@@ -51,6 +56,27 @@ def measure(paths: list[str], *, threads: int = 1, warmup: int = 20, runs: int =
              "max_ms": float(t.max())} for p, (_, _, x), t in zip(paths, sessions, times)]
 
 
+def lowering_variants(model: str, out_dir: Path) -> list[str]:
+    """Export a random-weight network with ``model``'s architecture with each 3D-conv lowering;
+    returns the two ONNX paths (conv3d="none", conv3d="as2d")."""
+    from engine.infer.artefact import ModelArtefact
+    from export.checkpoints import Checkpoint
+    from export.lowering import LOWERINGS
+    from export.slowfast import build_from_meta, randomise_
+    from export.to_onnx import export_onnx
+    art = ModelArtefact.load(model)
+    net = randomise_(build_from_meta(art.meta["arch"]), seed=0).eval()
+    ckpt = Checkpoint.from_model(net, trained_on="benchmark, random weights")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for mode in reversed(LOWERINGS):            # "none" first
+        path = out_dir / f"{Path(model).stem}.conv3d-{mode}.onnx"
+        res = export_onnx(ckpt, path, conv3d=mode, check_batches=(1,))
+        print(f"exported {path.name}: parity max |dlogit| {res.max_abs_diff:.1e}")
+        paths.append(str(path))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="+", help="ONNX files")
@@ -58,10 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=300, help="timed runs per model [300]")
     ap.add_argument("--warmup", type=int, default=20, help="untimed runs per model [20]")
     ap.add_argument("--batch", type=int, default=1, help="batch size [1]")
+    ap.add_argument("--compare-lowering", action="store_true",
+                    help="time each model's architecture with and without the 3D-conv lowering")
     args = ap.parse_args(argv)
     for p in args.models:
         if not Path(p).is_file():
             ap.error(f"model {p!r}: file not found")
+    if args.compare_lowering:
+        args.models = [v for p in args.models for v in lowering_variants(p, OUT / "lowering")]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = measure(args.models, threads=args.threads, warmup=args.warmup, runs=args.runs,
                    batch=args.batch)

@@ -21,7 +21,7 @@ from export.to_trt import (TRT_SKIP_REASON, EngineKey, GpuInfo, build_engine,  #
 from export.verify import TOLERANCES, compare, verify  # noqa: E402
 
 ALLOWED_OPS = {"Conv", "Relu", "Add", "Concat", "MaxPool", "ReduceMean", "Slice", "Gemm",
-               "Constant", "MatMul", "Flatten", "Reshape"}
+               "Constant", "MatMul", "Flatten", "Reshape", "Transpose", "Pad"}
 
 
 @pytest.fixture(scope="module")
