@@ -61,6 +61,7 @@ CHECKPOINT_S = 10.0       # cells.parquet and manifest rewritten this often duri
 _FRAME_TIMES = 8192       # processed-frame times kept for the latency lookup (a ring)
 READY_TIMEOUT_S = 120.0   # longest wait for workers (model loading) and the clip store [s]
 ELASTIC_FACTOR = 4        # live rings: the private catch-up buffer holds this many rings
+GIL_SWITCH_S = 0.001      # GIL switch interval while classifying (see run_pipeline) [s]
 WORKER_NICE = 5           # niceness added to local inference workers
 PROGRESS_EVERY_S = 1.0    # the manifest's "progress" series: one point per second
 PROGRESS_POINTS = 3600    # at most this many points (then every other one is dropped)
@@ -485,6 +486,12 @@ def run_pipeline(cfg: Config, opts: RunOptions,
         (out / stale).unlink(missing_ok=True)          # from an earlier run in this folder
 
     stop = _Stop().install()
+    # The dispatcher and the collector are threads of this process: a short GIL switch
+    # interval lets them send a clip or take a prediction within ~1 ms while the frame loop
+    # runs, instead of Python's default 5 ms (twice on every cell's path).
+    switch_s = sys.getswitchinterval()
+    if opts.classify:
+        sys.setswitchinterval(min(switch_s, GIL_SWITCH_S))
     lat = _Latency()
     timing: dict[str, float] = {}
     series = _Series(t_start)
@@ -567,12 +574,13 @@ def run_pipeline(cfg: Config, opts: RunOptions,
                 if not clip.features:
                     from .features import compute_features
                     clip = replace(clip, features=compute_features(clip, geometry, cfg))
-                files.add_clip(clip)
-                if clip_store is not None:
-                    clip_store.append(clip)
+                # Classification first: the files and the clip store are not on the latency path.
                 if dispatcher is not None:
                     lat.submitted(int(clip.cell_id), lat.closed(clip, close_frame, t_closed))
                     dispatcher.submit(clip)
+                files.add_clip(clip)
+                if clip_store is not None:
+                    clip_store.append(clip)
 
         next_checkpoint = time.monotonic() + CHECKPOINT_S
         next_point = time.monotonic()
@@ -625,6 +633,7 @@ def run_pipeline(cfg: Config, opts: RunOptions,
             files.close(status, timing=timing, progress=series.to_dict(), **extra)
         finally:
             stop.restore()
+            sys.setswitchinterval(switch_s)
     summary = RunSummary(out=out, counts=files.manifest["counts"], status=status,
                          seconds=time.perf_counter() - t_start,
                          latency=files.manifest.get("latency", {}))
