@@ -163,6 +163,9 @@ class ServingConfig:
     max_attempts: int = opt(3, lo=1, help="sends of one clip before it is answered with an error")
     max_message_bytes: int = opt(64 * 1024 * 1024, lo=1024, help="largest accepted message [bytes]")
     curve_keys: str = opt("", help="folder with CURVE keys (fmh keys); required off-host")
+    worker_nice: int = opt(0, lo=0, hi=19, help="niceness added to local workers (0: same "
+                           "priority as the front end; higher protects acquisition on a busy "
+                           "machine at the cost of latency)")
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,6 @@ _FRAME_TIMES = 8192       # processed-frame times kept for the latency lookup (a
 READY_TIMEOUT_S = 120.0   # longest wait for workers (model loading) and the clip store [s]
 ELASTIC_FACTOR = 4        # live rings: the private catch-up buffer holds this many rings
 GIL_SWITCH_S = 0.001      # GIL switch interval while classifying (see run_pipeline) [s]
-WORKER_NICE = 5           # niceness added to local inference workers
 PROGRESS_EVERY_S = 1.0    # the manifest's "progress" series: one point per second
 PROGRESS_POINTS = 3600    # at most this many points (then every other one is dropped)
 
@@ -520,12 +519,13 @@ def run_pipeline(cfg: Config, opts: RunOptions,
             # The workers see the run's serving and model settings, not just the defaults.
             overrides = [f"{sec}.{k}={_yaml_scalar(v)}" for sec in ("serving", "model")
                          for k, v in cfg.to_dict()[sec].items()]
-            # Acquisition comes first: local workers leave one core to the front end and run
-            # at a lower priority, so a batch of inference never starves the frame loop.
+            # Local workers leave one core to the front end; serving.worker_nice > 0 also runs
+            # them at a lower priority (acquisition before latency on a busy machine).
             threads = max(1, ((os.cpu_count() or 2) - 1) // max(1, opts.workers))
             workers = spawn_workers(str(artefact.path), dispatcher.endpoint, opts.workers,
                                     overrides=overrides, threads=threads)
-            _lower_priority([p.pid for p in workers], WORKER_NICE)
+            if cfg.serving.worker_nice:
+                _lower_priority([p.pid for p in workers], cfg.serving.worker_nice)
             if opts.progress:
                 print(f"fmh: live predictions published on {dispatcher.pub_endpoint}",
                       file=sys.stderr)
