@@ -80,7 +80,7 @@ import numpy as np
 from .errors import EngineError, SourceError
 from .types import Frame
 
-__all__ = ["FrameRing", "RingPeerError", "POLICIES"]
+__all__ = ["FrameRing", "RingPeerError", "POLICIES", "process_alive"]
 
 POLICIES = ("block", "drop-oldest")
 _MAGIC = 0x464D4852494E4731  # "FMHRING1"
@@ -125,8 +125,9 @@ def _proc_start(pid: int) -> int:
         return 0
 
 
-def _alive(pid: int, start: int) -> bool:
-    """True while process ``pid`` (started at ``start``) runs; zombies count as dead."""
+def process_alive(pid: int, start: int = 0) -> bool:
+    """True while process ``pid`` (started at ``start``, 0: any start) runs; zombies count as
+    dead (``os.kill(pid, 0)`` alone would call a zombie alive)."""
     if pid <= 0:
         return True
     try:
@@ -383,7 +384,7 @@ class FrameRing:
             raise SourceError(f"ring {self.name!r}: this process is its {self._role}, it "
                               f"cannot also be its {role}")
         other = int(h[pid_f])
-        if other and other != os.getpid() and _alive(other, int(h[start_f])):
+        if other and other != os.getpid() and process_alive(other, int(h[start_f])):
             raise SourceError(f"ring {self.name!r} already has a {role} (pid {other}); "
                               f"one {role} per ring")
         h[start_f] = _proc_start(os.getpid())
@@ -461,7 +462,7 @@ class FrameRing:
                 if now >= next_check:
                     next_check = now + _PEER_CHECK_S
                     pid = int(h[_H_RPID])
-                    if pid and not _alive(pid, int(h[_H_RSTART])):
+                    if pid and not process_alive(pid, int(h[_H_RSTART])):
                         raise RingPeerError(f"ring {self.name!r}: reader process {pid} died; "
                                             f"the writer cannot put frame {s}")
                 backoff.wait()
@@ -561,7 +562,7 @@ class FrameRing:
             if now >= next_check:
                 next_check = now + _PEER_CHECK_S
                 pid = int(h[_H_WPID])
-                if pid and not _alive(pid, int(h[_H_WSTART])) and not h[_H_CLOSED] \
+                if pid and not process_alive(pid, int(h[_H_WSTART])) and not h[_H_CLOSED] \
                         and self._cursor >= int(h[_H_W]):
                     raise SourceError(f"ring {self.name!r}: writer process {pid} died without "
                                       f"closing the stream after {int(h[_H_W])} frames")

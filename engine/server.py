@@ -37,6 +37,7 @@ import zmq
 
 from . import wire
 from .errors import ModelError, WireError
+from .ringbuf import process_alive
 from .types import CellClip
 
 __all__ = ["InferenceWorker"]
@@ -171,7 +172,7 @@ class InferenceWorker:
                     self._send(wire.encode("heartbeat", self._run_id, worker=self.name,
                                            stats=dict(self.stats)))
                     next_hb = now + self.heartbeat_s
-                    if self.parent_pid and not _alive(self.parent_pid):
+                    if self.parent_pid and not process_alive(self.parent_pid):
                         log.warning("worker %s: parent %s is gone; leaving", self.name,
                                     self.parent_pid)
                         self._stop.set()
@@ -312,16 +313,6 @@ def _prep(preprocess, clips: list, meta: dict, views: str) -> tuple[np.ndarray, 
     if x.ndim != 5 or x.dtype != np.float32 or len(x) < 1:
         raise ModelError(f"preprocess returned {x.dtype} {x.shape}, expected float32 (N,C,T,H,W)")
     return x, idx
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def worker_main(model: str, connect: str, **kwargs: Any) -> dict:
