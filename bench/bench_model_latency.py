@@ -11,7 +11,7 @@ that they all see the same machine load. Prints median / p99 / max [ms] per mode
 ``--compare-lowering`` also exports, for each given model, a network of the same architecture
 (from its ``fmh.arch`` metadata, random weights: the speed does not depend on them) twice, with
 the 3D convolutions as they are and written as 2D convolutions over the frames
-(:mod:`export.lowering`), and times both in the same interleaved run (needs torch).
+(:mod:`export.lower_onnx`), and times both in the same interleaved run (needs torch).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def lowering_variants(model: str, out_dir: Path) -> list[str]:
     returns the two ONNX paths (conv3d="none", conv3d="as2d")."""
     from engine.infer.artefact import ModelArtefact
     from export.checkpoints import Checkpoint
-    from export.lowering import LOWERINGS
+    from export.lower_onnx import LOWERINGS
     from export.slowfast import build_from_meta, randomise_
     from export.to_onnx import export_onnx
     art = ModelArtefact.load(model)

@@ -29,7 +29,7 @@ from engine.errors import ModelError
 from engine.infer.artefact import ModelArtefact, build_metadata
 
 from .checkpoints import Checkpoint, load_checkpoint
-from .lowering import LOWERINGS, lower_conv3d
+from .lower_onnx import LOWERINGS, lower_onnx
 from .slowfast import SlowFast
 
 __all__ = ["ExportResult", "export_onnx", "reference_clips", "metadata_for", "DEFAULT_OPSET",
@@ -153,10 +153,10 @@ def export_onnx(source: Checkpoint | str | os.PathLike, out: str | os.PathLike, 
     dynamo : bool
         Use the dynamo-based exporter instead of the TorchScript one.
     conv3d : {"as2d", "none"}
-        ``"as2d"`` (default): BatchNorms folded and every 3D convolution written as 2D
-        convolutions over the frames (:mod:`export.lowering`; the same function, several
-        times faster on ONNX Runtime's CPU); ``"none"``: the 3D convolutions as they are
-        (e.g. for a consumer with fast native 3D convolutions). Recorded in ``fmh.export``.
+        ``"as2d"`` (default): every 3D convolution written as 2D convolutions over the frames
+        (:mod:`export.lower_onnx`; the same function, several times faster on ONNX
+        Runtime's CPU); ``"none"``: the 3D convolutions as they are (e.g. for a consumer
+        with fast native 3D convolutions). Recorded in ``fmh.export``.
 
     Raises
     ------
@@ -180,14 +180,13 @@ def export_onnx(source: Checkpoint | str | os.PathLike, out: str | os.PathLike, 
     x = torch.from_numpy(reference)
     with torch.no_grad():
         expected = model(x).numpy()             # the real forward pass, and the reference logits
-    graph_model = lower_conv3d(model, x[:1]) if conv3d == "as2d" else model
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:
         with torch.no_grad():
-            _torch_export(graph_model, x[:1], tmp, opset, dynamo)
+            _torch_export(model, x[:1], tmp, opset, dynamo)
     except Exception as exc:  # noqa: BLE001 - the exporters raise many kinds
         tmp.unlink(missing_ok=True)
         raise ModelError(f"ONNX export of {cfg.name} failed: {type(exc).__name__}: {exc}") from None
@@ -195,6 +194,8 @@ def export_onnx(source: Checkpoint | str | os.PathLike, out: str | os.PathLike, 
     import onnx
     try:
         proto = onnx.load(str(tmp))
+        if conv3d == "as2d":
+            proto, _ = lower_onnx(proto)
         meta = metadata_for(ckpt, created=created)
         meta["fmh.export"] = json.dumps({"conv3d": conv3d, "opset": opset,
                                          "exporter": "dynamo" if dynamo else "torchscript"})

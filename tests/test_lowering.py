@@ -1,17 +1,21 @@
-"""3D convolutions written as 2D ones (export.lowering): the same function, another graph."""
+"""3D convolutions written as 2D ones (export.lower_onnx): the same function, another graph."""
 import itertools
 import json
+import warnings
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
+from engine.errors import ModelError
+from export.lower_onnx import bias_tap, lower_onnx, lower_onnx_file
+
 torch = pytest.importorskip("torch")
-import onnx  # noqa: E402
 from torch import nn  # noqa: E402
 
-from engine.errors import ModelError  # noqa: E402
 from export import slowfast_r18  # noqa: E402
 from export.checkpoints import Checkpoint  # noqa: E402
-from export.lowering import Conv3dAs2d, fold_batchnorm, lower_conv3d  # noqa: E402
 from export.slowfast import randomise_  # noqa: E402
 from export.to_onnx import export_onnx  # noqa: E402
 
@@ -21,9 +25,23 @@ CASES = list(itertools.product(
     [True, False]))                                                       # bias
 
 
+def _export(module, x, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (x,), str(path), input_names=["x"], output_names=["y"],
+                          opset_version=17, dynamo=False,
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    return onnx.load(str(path))
+
+
+def _run(proto, x):
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
 @pytest.mark.parametrize("kernel,stride,bias", CASES)
-def test_conv3d_as_2d_equals_conv3d(kernel, stride, bias):
-    g = torch.Generator().manual_seed(hash((kernel, stride, bias)) % 2 ** 31)
+def test_lowered_conv_equals_conv3d(kernel, stride, bias, tmp_path):
+    g = torch.Generator().manual_seed(sum(kernel) * 31 + sum(stride) * 7 + bias)
     kt, kh, kw = kernel
     padding = (kt // 2, kh // 2, kw // 2)
     for c_in, c_out, t in ((1, 1, 8), (3, 5, 9), (6, 2, 16)):
@@ -34,72 +52,81 @@ def test_conv3d_as_2d_equals_conv3d(kernel, stride, bias):
             if bias:
                 conv.bias.copy_(torch.randn(conv.bias.shape, generator=g))
         x = torch.randn((2, c_in, t, 11, 10), generator=g)
-        low = Conv3dAs2d(conv, tuple(x.shape[1:]))
+        proto = _export(conv, x[:1], tmp_path / "c.onnx")
+        lowered, n = lower_onnx(proto)
+        assert n == 1
+        ops = {nd.op_type for nd in lowered.graph.node}
+        assert "Conv" in ops and not ops & {"Shape", "Gather"}
+        dims = {i.name: len(i.dims) for i in lowered.graph.initializer}
+        assert {dims[nd.input[1]] for nd in lowered.graph.node if nd.op_type == "Conv"} == {4}
+        onnx.checker.check_model(lowered, full_check=True)
         with torch.no_grad():
-            want, got = conv(x), low(x)
+            want = conv(x).numpy()
+        got = _run(lowered, x.numpy())
         assert got.shape == want.shape
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
-def test_conv3d_as_2d_rejects_what_it_cannot_do():
-    with pytest.raises(ValueError, match="groups=2"):
-        Conv3dAs2d(nn.Conv3d(4, 4, 3, groups=2), (4, 8, 8, 8))
-    with pytest.raises(ValueError, match="dilation"):
-        Conv3dAs2d(nn.Conv3d(4, 4, 3, dilation=2), (4, 8, 8, 8))
-    with pytest.raises(ValueError, match="input channels"):
-        Conv3dAs2d(nn.Conv3d(4, 4, 3), (3, 8, 8, 8))
+def test_bias_goes_on_a_tap_that_every_output_reads():
+    assert bias_tap(16, 3, 1, 1) == 1           # a "same" conv: the centre tap
+    assert bias_tap(32, 5, 2, 2) == 2
+    assert bias_tap(8, 1, 1, 0) == 0
+    assert bias_tap(4, 3, 1, 2) is None         # every tap reads padding for some output
+
+
+def test_what_cannot_be_lowered_is_an_error_naming_the_node(tmp_path):
+    x = torch.randn(1, 4, 8, 8, 8)
+    proto = _export(nn.Conv3d(4, 4, 3, groups=2, padding=1), x, tmp_path / "g.onnx")
+    with pytest.raises(ModelError, match="Conv .*groups/dilation"):
+        lower_onnx(proto)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="bad.onnx"):
+        lower_onnx_file(bad, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
 
 
 @pytest.fixture(scope="module")
-def net():
+def ckpt():
     model = randomise_(slowfast_r18(width=8, alpha=2, frames=16, crop=32), seed=3).eval()
-    # non-trivial BatchNorm statistics, so that folding them is really tested
+    # non-trivial BatchNorm statistics: they are folded into the convolutions by the export
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm3d):
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
+    return Checkpoint.from_model(model, trained_on="unit test")
 
 
-def test_fold_batchnorm_keeps_the_function(net):
-    import copy
-    x = torch.randn(2, 1, 16, 32, 32)
-    folded = copy.deepcopy(net)
-    n_bn = sum(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
-    assert fold_batchnorm(folded) == n_bn > 0
-    assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
-
-
-def test_lowered_network_is_the_same_function(net):
-    x = torch.randn(3, 1, 16, 32, 32)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    low = lower_conv3d(net, x[:1])
-    assert not any(isinstance(m, nn.Conv3d) for m in low.modules())
-    assert sum(isinstance(m, Conv3dAs2d) for m in low.modules()) == sum(
-        isinstance(m, nn.Conv3d) for m in net.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(low(x), net(x), atol=1e-5, rtol=1e-5)
-    # the original is untouched
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    assert any(isinstance(m, nn.BatchNorm3d) for m in net.modules())
-
-
-def test_export_writes_2d_convs_and_says_so(net, tmp_path):
-    ckpt = Checkpoint.from_model(net, trained_on="unit test")
+def test_export_writes_2d_convs_and_says_so(ckpt, tmp_path):
     ranks = {}
     for mode in ("as2d", "none"):
         res = export_onnx(ckpt, tmp_path / f"{mode}.onnx", conv3d=mode, check_batches=(1, 3))
-        assert res.max_abs_diff <= 1e-4
+        assert res.max_abs_diff <= 1e-4                 # parity against PyTorch
         proto = onnx.load(str(res.path))
         init = {i.name: len(i.dims) for i in proto.graph.initializer}
         ranks[mode] = {init[n.input[1]] for n in proto.graph.node if n.op_type == "Conv"}
         meta = {p.key: p.value for p in proto.metadata_props}
         assert json.loads(meta["fmh.export"])["conv3d"] == mode
-        assert not {n.op_type for n in proto.graph.node} & {"Shape", "Gather", "Pad"}
     assert ranks == {"as2d": {4}, "none": {5}}
     with pytest.raises(ModelError, match="conv3d='winograd'"):
         export_onnx(ckpt, tmp_path / "x.onnx", conv3d="winograd")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_lowering_an_exported_file_keeps_outputs_and_metadata(ckpt, tmp_path):
+    src = export_onnx(ckpt, tmp_path / "native.onnx", conv3d="none", check_batches=(1,)).path
+    res = lower_onnx_file(src, tmp_path / "low.onnx")
+    assert res["convs_lowered"] == sum(isinstance(m, nn.Conv3d)
+                                       for m in ckpt.build_model().modules())
+    assert res["max_abs_diff"] <= 1e-4
+    a = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    b = {p.key: p.value for p in onnx.load(str(tmp_path / "low.onnx")).metadata_props}
+    assert json.loads(b.pop("fmh.export"))["conv3d"] == "as2d"
+    a.pop("fmh.export")
+    assert a == b
+    x = np.random.default_rng(0).standard_normal((2, 1, 16, 32, 32)).astype(np.float32)
+    s1 = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    s2 = ort.InferenceSession(str(tmp_path / "low.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(s2.run(None, {"clip": x})[0], s1.run(None, {"clip": x})[0],
+                               atol=1e-4)
