@@ -98,13 +98,31 @@ def lower_onnx(model):
         new_nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
+    # Constant tensors by name: initializers, Constant nodes, and Identity nodes of either (the
+    # TorchScript exporter shares identical initializers, e.g. zero biases, through Identity).
+    consts = {name: numpy_helper.to_array(i) for name, i in inits.items()}
+    for nd in g.node:
+        if nd.op_type == "Constant" and _attr(nd, "value", None) is not None:
+            consts[nd.output[0]] = numpy_helper.to_array(_attr(nd, "value", None))
+        elif nd.op_type == "Identity" and nd.input[0] in consts:
+            consts[nd.output[0]] = consts[nd.input[0]]
+
     n_lowered = 0
     for nd in g.node:
-        w = inits.get(nd.input[1]) if nd.op_type == "Conv" and len(nd.input) > 1 else None
-        if w is None or len(w.dims) != 5:
+        if nd.op_type != "Conv" or len(nd.input) < 2:
             new_nodes.append(nd)
             continue
         where = f"Conv {nd.name or nd.output[0]}"
+        weight = consts.get(nd.input[1])
+        if weight is None:
+            if len(shapes.get(nd.input[1]) or ()) == 5:
+                raise ModelError(f"{where}: its 3D weight is computed in the graph, not a "
+                                 "constant; it cannot be lowered")
+            new_nodes.append(nd)
+            continue
+        if weight.ndim != 5:
+            new_nodes.append(nd)
+            continue
         if _attr(nd, "group", 1) != 1 or any(d != 1 for d in _attr(nd, "dilations", [1, 1, 1])):
             raise ModelError(f"{where}: groups/dilation other than 1 cannot be lowered")
         if _attr(nd, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -113,7 +131,6 @@ def lower_onnx(model):
         if not shape or len(shape) != 5 or any(v is None for v in shape[1:]):
             raise ModelError(f"{where}: input shape {shape} is not static apart from the batch")
         _, c_in, t, h, wd = shape
-        weight = numpy_helper.to_array(w)
         c_out, _, kt, kh, kw = weight.shape
         st, sh, sw = _attr(nd, "strides", [1, 1, 1])
         pads = _attr(nd, "pads", [0] * 6)
@@ -123,8 +140,11 @@ def lower_onnx(model):
         ho = (h + pads[1] + pads[4] - kh) // sh + 1
         wo = (wd + pads[2] + pads[5] - kw) // sw + 1
         w2 = np.ascontiguousarray(weight.transpose(2, 0, 1, 3, 4).reshape(kt * c_out, c_in, kh, kw))
-        bias = numpy_helper.to_array(inits[nd.input[2]]) if len(nd.input) > 2 and nd.input[2] \
-            else None
+        bias = None
+        if len(nd.input) > 2 and nd.input[2]:
+            bias = consts.get(nd.input[2])
+            if bias is None:
+                raise ModelError(f"{where}: its bias {nd.input[2]!r} is not a constant")
         tap = bias_tap(t, kt, st, pt)
         conv_in = None
         if bias is not None and tap is not None:      # once per output, inside the 2D conv

@@ -130,3 +130,21 @@ def test_lowering_an_exported_file_keeps_outputs_and_metadata(ckpt, tmp_path):
     s2 = ort.InferenceSession(str(tmp_path / "low.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(s2.run(None, {"clip": x})[0], s1.run(None, {"clip": x})[0],
                                atol=1e-4)
+
+
+def test_weights_and_biases_reached_through_identity_nodes_are_lowered(tmp_path):
+    """The TorchScript exporter shares identical initializers through Identity nodes."""
+    from onnx import helper
+    conv = nn.Conv3d(2, 3, 3, padding=1, bias=True)
+    x = torch.randn(1, 2, 6, 8, 8)
+    proto = _export(conv, x, tmp_path / "c.onnx")
+    node = next(n for n in proto.graph.node if n.op_type == "Conv")
+    for k in (1, 2):                       # weight and bias behind an Identity each
+        init = next(i for i in proto.graph.initializer if i.name == node.input[k])
+        shared = init.name + "_shared"
+        proto.graph.node.insert(0, helper.make_node("Identity", [shared], [init.name]))
+        init.name = shared
+    lowered, n = lower_onnx(proto)
+    assert n == 1
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(lowered, x.numpy()), conv(x).numpy(), atol=2e-5)
