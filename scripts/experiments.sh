@@ -26,7 +26,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$RUNS"
 
 for mode in fixed bbox-resize; do
-  [ -d "$DATA/$mode" ] || $PY -m train.synth --out "$DATA/$mode" --donors ${DONORS:-20 20} --frames ${FRAMES:-1200} \
+  [ -d "$DATA/$mode" ] || $PY -m train.synth --clips truth --out "$DATA/$mode" --donors ${DONORS:-20 20} --frames ${FRAMES:-1200} \
       --size 64 --mode "$mode" --seed 1 --donor-look 1.0 --workers "$WORKERS" \
       > "$RUNS/synth_$mode.log" 2>&1
 done

@@ -127,3 +127,24 @@ def test_fmh_evaluate_checkpoint_and_onnx(tmp_path, capsys):
     assert main(["evaluate", str(ck), str(tmp_path / "missing.h5")]) == 2
     assert "missing.h5" in capsys.readouterr().err
     assert len(find_stores([tmp_path / "stores"])) == 4
+
+
+def test_bundled_demo_model_says_what_it_is():
+    """The committed demo model (scripts/make_demo_model.sh) is under 10 MB, says it was trained
+    on synthetic cells cut by the front end and tracker (the clips serving classifies), and
+    carries validation figures that are counts over its validation cells (what
+    ``fmh evaluate`` on the validation stores reproduces; docs/experiments.md)."""
+    from engine.infer.artefact import ModelArtefact, default_model_path
+    p = default_model_path()
+    assert p.is_file() and p.stat().st_size < 10 * 2 ** 20
+    art = ModelArtefact.load(p)
+    text = art.meta["trained_on"]
+    assert "synthetic" in text and "NOT real blood cells" in text
+    assert "cut by the fmh front end and tracker" in text
+    v = art.meta["validation"]
+    assert v["n_fetal"] + v["n_maternal"] == v["n_cells"] and v["n_donors"] >= 8
+    for key, n in (("sensitivity", v["n_fetal"]), ("specificity", v["n_maternal"])):
+        assert 0 < v[key] <= 1
+        assert v[key] * n == pytest.approx(round(v[key] * n), abs=1e-6)   # k of n cells
+    assert 0.5 < v["auc"] <= 1
+    assert 0 < art.threshold < 1 and art.input_shape == (1, 32, 64, 64)

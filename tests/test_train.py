@@ -223,3 +223,105 @@ def test_frame2d_baseline_and_cli(tmp_path, capsys):
     x, y, _ = ds[0]
     assert tuple(x.shape) == (1, 1, 32, 32)
     assert main(["train", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+
+
+# -- synthetic clip stores through the real front end (train.synth --clips detect) ----------------
+
+def test_synth_detect_stores_are_what_fmh_detect_cuts(tmp_path):
+    """``--clips detect`` builds each donor's store by running the simulated sequence through
+    the front end and tracker exactly as ``fmh detect`` does: same clips (count, cell ids,
+    frames, statuses, truncated ones included), the donor's id and label in the store, every
+    tracked cell a true cell of the donor's class; ``--status complete`` keeps complete ones."""
+    import shutil
+
+    import pandas as pd
+
+    from engine.cli import main
+    from engine.clipstore import ClipStoreReader
+    from engine.types import TrackStatus
+    from train.synth import keep_complete, make_stores
+    paths = make_stores(tmp_path / "s", fetal=1, maternal=1, frames=300, size=48, seed=2,
+                        progress=False, clips="detect")
+    stores = {s.donor: s for s in find_stores([tmp_path / "s"])}
+    assert set(stores) == {"d000", "d001"}
+    assert sorted(s.label for s in stores.values()) == ["fetal", "maternal"]
+    for p in paths:
+        match = json.loads((p.parent / "truth_match.json").read_text())
+        with ClipStoreReader(p) as r:
+            donor, label, source = r.meta["donor"], r.meta["label"], r.meta["source"]
+            assert r.meta["canvas"] == [48, 48] and len(r) == match["clips_in_store"] > 0
+            assert len(r) == stores[donor].n_clips
+            ours = [r[i] for i in range(len(r))]
+        assert match["label"] == label and match["truth"]["fetal_fraction"] == (
+            1.0 if label == "fetal" else 0.0)
+        assert match["cells"]["matched"] >= len(ours) - 1           # clips are real cells ...
+        assert match["tracked_cells_of_other_class"] == 0           # ... of the donor's class
+        # the same sequence through `fmh detect` gives the same clips
+        out = tmp_path / f"detect_{donor}"
+        assert source.startswith("sim://") and f"donor={int(donor[1:])}" in source
+        assert main(["detect", source, "--out", str(out), "--donor", donor, "--label", label,
+                     "--set", "clips.size=48", "--quiet"]) == 0
+        with ClipStoreReader(out / "clips.h5") as r:
+            theirs = [r[i] for i in range(len(r))]
+            assert (r.meta["donor"], r.meta["label"]) == (donor, label)
+        assert len(theirs) == len(ours)
+        for a, b in zip(ours, theirs):
+            assert a.cell_id == b.cell_id and a.status == b.status
+            np.testing.assert_array_equal(a.frame_indices, b.frame_indices)
+            np.testing.assert_array_equal(a.frames, b.frames)
+        cells = pd.read_parquet(out / "cells.parquet")
+        assert len(cells) == len(ours)
+    # truncated tracks are kept by default (serving classifies them); complete-only on request
+    n_truncated = 0
+    for p in paths:
+        with ClipStoreReader(p) as r:
+            statuses = [r[i].status for i in range(len(r))]
+        n_truncated += statuses.count(TrackStatus.TRUNCATED)
+        q = tmp_path / "c" / p.parent.name / "clips.h5"
+        q.parent.mkdir(parents=True)
+        shutil.copy(p, q)
+        k = keep_complete(q)
+        with ClipStoreReader(q) as r:
+            assert len(r) == k == statuses.count(TrackStatus.COMPLETE)
+            assert all(r[i].status == TrackStatus.COMPLETE for i in range(len(r)))
+            assert r.meta["label"] == stores[r.meta["donor"]].label
+    assert n_truncated > 0          # 300 frames: cells in view at the start and at the end
+    from train.loop import describe_data
+    text = describe_data(list(stores.values()))
+    assert "NOT real blood cells" in text and "cut by the fmh front end and tracker" in text
+    with pytest.raises(ValueError, match="clips 'oracle'"):
+        make_stores(tmp_path / "x", fetal=1, maternal=1, frames=10, clips="oracle")
+
+
+def test_simcheck_matches_tracked_cells_to_true_cells():
+    """Each tracked cell goes to the true cell it follows in most of its frames (within the
+    tolerance); a track that follows none, or follows one only briefly, is unmatched."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from train.simcheck import match_cells
+
+    def cell(cid, cls, x0, y):
+        fn = np.arange(10, 30, dtype=np.int64)
+        cen = np.stack([x0 + 6.0 * (fn - 10), np.full(fn.shape, y)], 1).astype(np.float32)
+        return SimpleNamespace(cell_id=cid, cls=cls, complete=True, frame_numbers=fn,
+                               centroids=cen)
+
+    truth = SimpleNamespace(cells=[cell(0, "fetal", 10.0, 70.0), cell(1, "maternal", 10.0, 90.0)])
+    fn = np.arange(10, 30)
+    rows = []
+    for k in fn:                           # track 5 follows cell 1 (3 px off), track 6 cell 0
+        rows.append((5, k, 10.0 + 6 * (k - 10) + 3.0, 90.0))
+        rows.append((6, k, 10.0 + 6 * (k - 10), 71.0))
+    for k in fn[:5]:                       # track 7: debris far from every cell
+        rows.append((7, k, 400.0, 20.0))
+    for k in fn:                           # track 8: on cell 0 for 5 of 20 frames only
+        rows.append((8, k, 10.0 + 6 * (k - 10) if k < 15 else 700.0, 70.0))
+    tracks = pd.DataFrame(rows, columns=["cell_id", "frame", "cx", "cy"])
+    m = match_cells(tracks, truth, tol_px=8.0, min_share=0.5).set_index("cell_id")
+    assert m.loc[5, "truth_id"] == 1 and m.loc[5, "truth_cls"] == "maternal"
+    assert m.loc[6, "truth_id"] == 0 and m.loc[6, "truth_cls"] == "fetal"
+    assert m.loc[7, "truth_id"] == -1 and m.loc[7, "truth_cls"] == ""
+    assert m.loc[8, "truth_id"] == -1 and m.loc[8, "share"] == pytest.approx(0.25)
+    assert match_cells(tracks, truth, tol_px=2.0).set_index("cell_id").loc[5, "truth_id"] == -1

@@ -486,15 +486,19 @@ def _short(m: Mapping[str, Any], ds: ClipDataset) -> dict:
 def describe_data(stores: Sequence[StoreInfo]) -> str:
     """``trained_on`` text: says plainly when the stores come from the simulator."""
     from engine.clipstore import ClipStoreReader
-    sources = []
+    sources, oracle = [], []
     for s in stores:
         with ClipStoreReader(s.path) as r:
             sources.append(r.meta["source"])
+            oracle.append(bool((r.meta["extra"] or {}).get("oracle")))
     n_d = len({s.donor for s in stores})
     n_c = sum(s.n_clips for s in stores)
     if sources and all(src.startswith("sim://") for src in sources):
+        cut = ("cut at the simulator's true positions" if all(oracle) else
+               "cut by the fmh front end and tracker" if not any(oracle) else
+               "cut partly at true positions, partly by the front end and tracker")
         return (f"synthetic cells from the fmh-engine PolyNano chip simulator, NOT real blood "
-                f"cells ({n_d} simulated donors, {n_c} clips)")
+                f"cells ({n_d} simulated donors, {n_c} clips {cut})")
     return f"{n_d} donors, {n_c} clips from {len(set(sources))} sources"
 
 
