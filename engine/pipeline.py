@@ -61,6 +61,7 @@ CHECKPOINT_S = 10.0       # cells.parquet and manifest rewritten this often duri
 _FRAME_TIMES = 8192       # processed-frame times kept for the latency lookup (a ring)
 READY_TIMEOUT_S = 120.0   # longest wait for workers (model loading) and the clip store [s]
 ELASTIC_FACTOR = 4        # live rings: the private catch-up buffer holds this many rings
+CLIPSTORE_NICE = 10       # niceness added to the clips.h5 writer process
 GIL_SWITCH_S = 0.001      # GIL switch interval while classifying (see run_pipeline) [s]
 PROGRESS_EVERY_S = 1.0    # the manifest's "progress" series: one point per second
 PROGRESS_POINTS = 3600    # at most this many points (then every other one is dropped)
@@ -225,6 +226,10 @@ class _ClipStoreProcess:
         self.proc = ctx.Process(target=_clip_writer_main, name="fmh-clipstore",
                                 args=(str(path), meta, self.q, self.result_q), daemon=True)
         self.proc.start()
+        # Writing is not on any latency path (the queue is unbounded): it yields the CPU to
+        # the frame loop and the inference workers, which want it at the same moments (when a
+        # cell leaves the channel, its clip goes to both).
+        _lower_priority([self.proc.pid], CLIPSTORE_NICE)
         self.sent = 0
 
     def wait_ready(self, timeout: float) -> str:
@@ -894,14 +899,41 @@ def _warm_up(cfg: Config, shape: tuple[int, int]) -> None:
         img[(xx - cx) ** 2 + (yy - h / 2) ** 2 < r * r] = 60
         frames.append(Frame(k, k, img))
     try:
-        fe = FrontEnd(cfg)
-        fe.prime([f.image for f in frames] + [np.full((h, w), 128, np.uint8)] * 4)
+        # Writable frames, then read-only ones as the ring hands them out: Numba compiles (or
+        # loads from its cache, ~0.1 s) one specialisation per array type.
+        for writable in (True, False):
+            fe = FrontEnd(cfg)
+            fe.prime([f.image for f in frames] + [np.full((h, w), 128, np.uint8)] * 4)
+            linker = Linker(cfg, fe.geometry)
+            for f in frames:
+                f.image.setflags(write=writable)
+                linker.next_level(f, fe.process(f))
+            linker.flush()
+        # Two cells inside each other's gates, then touching (one blob): the tracker's joint
+        # assignment and shared-blob paths, which the first merged cells of a run would
+        # otherwise load mid-run.
         linker = Linker(cfg, fe.geometry)
-        for f in frames:
-            linker.next_level(f, fe.process(f))
+        d = max(2.0, float(cfg.tracker.gate_px) / 2)
+        for k in range(10):
+            x = 2 * r + 4 * k
+            if k < 8:
+                blobs = [_disc_blob(k, x, h / 2 + s * d, r) for s in (-1, 1)]
+            else:
+                blobs = [_disc_blob(k, x, h / 2, r, dy=d)]
+            linker.next_level(Frame(len(frames) + k, k, frames[0].image), blobs)
         linker.flush()
     except EngineError:           # a frame size the kernels cannot warm up on: no harm
         pass
+
+
+def _disc_blob(index: int, cx: float, cy: float, r: float, dy: float = 0.0):
+    """A Blob for a disc of radius r at (cx, cy), stretched by ``dy`` up and down."""
+    from .types import Blob
+    x0, x1 = int(cx - r), int(cx + r) + 1
+    y0, y1 = int(cy - r - dy), int(cy + r + dy) + 1
+    area = int(math.pi * r * (r + dy))
+    return Blob(index, float(cx), float(cy), area, (x0, y0, x1, y1), perimeter=2 * math.pi * r,
+                deform=0.05, major=2 * (r + dy), minor=2 * r, brightness=60.0)
 
 
 def _take_primer(frames_iter, cfg: Config, stop: _Stop):

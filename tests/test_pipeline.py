@@ -229,6 +229,35 @@ def test_classifying_run_shortens_the_gil_switch_interval_and_restores_it(seq, t
     assert sys.getswitchinterval() == before
 
 
+def test_warm_up_loads_every_kernel_the_frame_loop_uses(tmp_path):
+    """Numba loads one specialisation per argument type on first use (~0.1 s from its cache,
+    seconds to compile): after _warm_up, a run must not load any in its frame loop (read-only
+    ring frames, contested gates and merged cells included), or it stalls mid-run."""
+    import importlib
+    import pkgutil
+
+    import numba
+
+    import engine
+    from engine.pipeline import _warm_up
+    kernels = []
+    for m in pkgutil.walk_packages(engine.__path__, "engine."):
+        if m.name.endswith("__main__") or ".commands" in m.name or ".sources" in m.name:
+            continue            # the verbs parse argv; the sources run in their own process
+        mod = importlib.import_module(m.name)
+        kernels += [f for f in vars(mod).values() if isinstance(f, numba.core.registry.CPUDispatcher)
+                    and f.py_func.__module__ == m.name]
+    assert len(kernels) >= 5
+    cfg = load_config()
+    _warm_up(cfg, (150, 800))
+    before = {k: set(k.signatures) for k in kernels}
+    run_pipeline(cfg, RunOptions(source="sim://?frames=1500&seed=11&rate_hz=20", out=tmp_path / "r",
+                                 progress=False, write_clips=False))
+    loaded = [f"{k.py_func.__module__}.{k.__name__}" for k in kernels
+              if set(k.signatures) - before[k]]
+    assert not loaded, f"loaded during the run, not in _warm_up: {loaded}"
+
+
 def test_demo_runs_the_live_chip_through_the_model(seq, tmp_path, capsys):
     out = tmp_path / "demo"
     assert fmh(["demo", "--seconds", "1.2", "--model", str(seq.with_name("tiny.onnx")),
