@@ -204,3 +204,45 @@ def test_process_before_prime_raises():
         FrontEnd(load_config()).process(Frame(0, 0, np.zeros((150, 800), np.uint8)))
     with pytest.raises(DetectError, match="at least one frame"):
         FrontEnd(load_config()).prime([])
+
+
+def test_blobs_carry_their_statistics_rows():
+    """process() returns a BlobList: its ``fin`` rows are the Blob values, in order."""
+    from engine.detect.blobs import BlobList
+    from engine.detect import _kernels as K
+    fe, chip, frames, truth, out = _run(["sim.seed=5", "sim.rate_hz=20"], n=120)
+    n = 0
+    for blobs in out:
+        assert isinstance(blobs, BlobList) and blobs.fin.shape == (len(blobs), K.NFIN)
+        for b, r in zip(blobs, blobs.fin.tolist()):
+            assert (b.cx, b.cy, b.area, b.bbox) == (r[1], r[2], int(r[0]),
+                                                   tuple(int(v) for v in r[3:7]))
+            assert (b.perimeter, b.deform, b.brightness) == (r[7], r[8], r[12])
+            n += 1
+    assert n > 100
+
+
+@pytest.mark.parametrize("polarity", ["both", "dark", "bright"])
+def test_background_tables_equal_the_numpy_formulas(polarity):
+    """The one-pass table kernel of Background gives the numpy definitions exactly (ties
+    at .5 included: rint rounds half to even)."""
+    from engine.detect.background import Background, gaussian_kernel_int
+    rng = np.random.default_rng(1)
+    img = (rng.random((40, 70)) * 262 - 3).astype(np.float32)
+    img[0, :8] = [0.5, 1.5, 2.5, -0.5, 254.5, 3.49999, 7.0, 6.5]
+    b64 = img.astype(np.float64)
+    for sigma in (0.0, 1.0):
+        bg = Background(img, 12.3, gaussian_kernel_int(sigma), polarity=polarity, threshold=6.0)
+        want = {"lo": np.ceil(b64 - 12.3), "hi": np.floor(b64 + 12.3),
+                "lo_w": np.ceil(b64 - 6.0), "hi_w": np.floor(b64 + 6.0)}
+        if polarity == "dark":
+            want["hi"][:] = want["hi_w"][:] = 32767
+        elif polarity == "bright":
+            want["lo"][:] = want["lo_w"][:] = -32768
+        for name, ref in want.items():
+            got = getattr(bg, name)
+            assert got.dtype == np.int16 and np.array_equal(got, ref.astype(np.int16)), name
+        assert np.array_equal(bg.rounded, np.rint(b64).astype(np.int16))
+        if sigma == 0.0:
+            assert bg.smooth_scaled.dtype == np.int64
+            assert np.array_equal(bg.smooth_scaled, np.rint(b64).astype(np.int64))

@@ -174,3 +174,138 @@ def test_fused_kernel_perimeter_after_a_neck_cut():
     for c in ("area", "cx", "cy", "x0", "x1", "perimeter", "brightness"):
         np.testing.assert_allclose(got[:, COL[c]], ref[:, COL[c]], rtol=1e-9, atol=1e-9,
                                    err_msg=c)
+
+
+# -- the kernels the per-frame pass uses instead of their label-image versions -------------
+
+def _touching_blobs(rng, H=70, W=110):
+    """Chains of 1-3 touching or nearly touching ellipses, ragged (necks of every depth)."""
+    yy, xx = np.mgrid[:H, :W]
+    mask = np.zeros((H, W), bool)
+    horizontal = rng.random() < 0.5
+    c0 = rng.uniform(20, 35)
+    for k in range(int(rng.integers(1, 4))):
+        a, b = rng.uniform(7, 14), rng.uniform(7, 14)
+        step = c0 + k * rng.uniform(12, 28)
+        cx, cy = (step, H / 2 + rng.normal(0, 4)) if horizontal else (W / 2 + rng.normal(0, 4),
+                                                                        min(step, H - 8) * 0.6)
+        mask |= ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1
+    return mask & (rng.random((H, W)) > rng.uniform(0, 0.25))
+
+
+def test_neck_from_runs_equals_split_neck_on_the_label_image():
+    """neck_runs (profiles from the runs, no label image) finds the neck split_neck finds
+    on the painted label image, for every label of random touching blobs."""
+    from engine.detect import _kernels as K
+    found = tried = 0
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        mask = _touching_blobs(rng)
+        lab, n = label(mask)
+        runs = np.empty((mask.size + 1, 3), np.int64)
+        nr = K.mask_runs(mask.astype(np.uint8), runs)
+        rl = np.empty(mask.size + 1, np.int64)
+        assert K.label_runs(runs, nr, True, rl) == n
+        for L in range(n):
+            ys, xs = np.nonzero(lab == L + 1)
+            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            for ratio in (0.4, 0.6, 0.8):
+                where_img = np.zeros(2, np.int64)
+                sub = lab[y0:y1, x0:x1].copy()
+                a = K.split_neck(sub, L + 1, n + 1, ratio, where_img)
+                where_runs = np.zeros(2, np.int64)
+                b = K.neck_runs(runs, nr, rl, L, x0, y0, x1 - x0, y1 - y0, ratio, where_runs)
+                assert a == b, (seed, L, ratio)
+                tried += 1
+                if a:
+                    found += 1
+                    assert where_runs[0] == where_img[0]
+                    assert where_runs[1] == where_img[1] + (x0 if where_img[0] == 0 else y0)
+    assert found >= 20 and tried - found >= 20, (found, tried)
+
+
+@settings(max_examples=150, deadline=None)
+@given(masks)
+def test_word_skipping_row_runs_equal_mask_runs(mask):
+    """The per-frame pass's run scan (whole 8-byte words skipped) gives mask_runs' runs."""
+    from engine.detect import _kernels as K
+    H, W = mask.shape
+    padded = np.zeros((H, (W + 2 + 7) // 8 * 8), np.uint8)
+    padded[:, 1:W + 1] = mask
+    ref = np.empty((mask.size + 1, 3), np.int64)
+    nref = K.mask_runs(mask, ref)
+    got = np.empty_like(ref)
+    n = 0
+    words = padded.view(np.uint64)
+    for y in range(H):
+        n = K._row_runs(padded, words, y, y, 1, got, n)
+    assert n == nref and np.array_equal(got[:n], ref[:nref])
+    # a full buffer is reported, not overrun
+    if nref > 1:
+        small = np.empty((nref - 1, 3), np.int64)
+        m = 0
+        for y in range(H):
+            m = K._row_runs(padded, words, y, y, 1, small, m)
+            if m < 0:
+                break
+        assert m == -1
+
+
+def test_one_call_frame_kernel_equals_its_parts():
+    """detect_blobs (offset + detection + re-join/finish in one call) gives what the three
+    kernels give called one after the other, with and without an illumination offset."""
+    from engine.config import load_config
+    from engine.detect import FrontEnd
+    from engine.detect import _kernels as K
+    from engine.sources import sim
+    cfg = load_config(overrides=["sim.seed=4", "sim.rate_hz=25"])
+    frames, _ = sim.SyntheticChip(cfg).render(160)
+    fe = FrontEnd(cfg)
+    fe.prime(frames)
+    fe._area_buf[:64] = 600.0               # typical cell size known: splits and re-joins on
+    fe._n_areas, fe._typical = 64, 600.0
+    fe._set_params()
+    bg, prm = fe.bg, fe._prm
+    f = cfg.frontend
+    checked = 0
+    for i in range(60, 160, 3):
+        for shift in (0, 9):                       # a flicker the offset takes out
+            img = np.clip(frames[i].astype(np.int16) + shift, 0, 255).astype(np.uint8)
+            res = np.zeros(5, np.int64)
+            fin = np.empty((4096, K.NFIN))
+            kept = K.detect_blobs(img, bg.lo, bg.hi, bg.lo_w, bg.hi_w, bg.smooth_scaled,
+                                  bg.rounded, fe.kernel, prm, fe._runs, fe._run_label,
+                                  fe._chunk, np.empty((4096, K.NSTAT)), K.PERIM_WEIGHTS,
+                                  np.empty(511, np.int64), fin, res)
+            off = K.illumination_offset(img, bg.rounded, int(prm[1]), int(prm[2]),
+                                        np.empty(511, np.int64))
+            stats = np.empty((4096, K.NSTAT))
+            n = K.detect_frame(img, bg.lo, bg.hi, bg.lo_w, bg.hi_w, bg.smooth_scaled,
+                               fe.kernel, int(prm[3]), int(prm[4]), np.int16(off),
+                               int(prm[5]), f.seed_min_px, True, fe._runs, fe._run_label,
+                               fe._chunk, stats, K.PERIM_WEIGHTS, f.fill_holes, int(prm[8]),
+                               f.split_neck_ratio)
+            out = np.empty((max(n, 1), K.NFIN))
+            k2, merged, small, large = K.finalize(stats, n, f.rejoin, f.rejoin_max_gap,
+                                                  f.rejoin_min_deform, f.min_area, prm[14],
+                                                  f.max_area, out) if n > 0 else (0, 0, 0, 0)
+            assert res[0] == off and res[4] == n
+            assert kept == k2 and (res[1], res[2], res[3]) == (merged, small, large)
+            assert np.array_equal(fin[:kept], out[:k2])
+            checked += kept
+    assert checked > 50
+
+
+def test_recent_areas_window_and_median_equal_numpy():
+    """push_areas keeps the last 256 areas in order and gives np.median of them."""
+    from engine.detect import _kernels as K
+    rng = np.random.default_rng(2)
+    buf, count, ref = np.zeros(256), 0, np.zeros(0)
+    for step in range(120):
+        fin = np.zeros((int(rng.integers(1, 9)), K.NFIN))
+        fin[:, K.F_AREA] = rng.integers(50, 2000, fin.shape[0])
+        count, med = K.push_areas(buf, count, fin)
+        ref = np.r_[ref, fin[:, K.F_AREA]][-256:]
+        assert count == ref.size and np.array_equal(buf[:count], ref)
+        assert med == float(np.median(ref))
+    assert count == 256

@@ -490,3 +490,105 @@ def test_cell_leaving_on_the_right_closes_at_the_first_missing_frame(cfg):
     _, clips, _ = run_linker(cfg, g, per_frame)
     assert len(clips) == 1 and clips[0].status is TrackStatus.COMPLETE
     assert clips[0].frame_indices[-1] == last
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel linker against the plain-Python reference
+# --------------------------------------------------------------------------------------------
+
+def _merge_pairs(per_frame, rng, p=0.15):
+    """Replace pairs of nearby blobs by one merged blob in some frames (shared-blob path)."""
+    out = []
+    for f, bl in enumerate(per_frame):
+        bl = list(bl)
+        if len(bl) >= 2 and rng.random() < p:
+            bl.sort(key=lambda b: b.cx)
+            k = int(np.argmin([b2.cx - b1.cx for b1, b2 in zip(bl, bl[1:])]))
+            a, b = bl[k], bl[k + 1]
+            if b.cx - a.cx < 45:
+                box = (min(a.bbox[0], b.bbox[0]), min(a.bbox[1], b.bbox[1]),
+                       max(a.bbox[2], b.bbox[2]), max(a.bbox[3], b.bbox[3]))
+                bl[k:k + 2] = [Blob(f, (a.cx + b.cx) / 2, (a.cy + b.cy) / 2, a.area + b.area,
+                                    box, perimeter=a.perimeter + b.perimeter, deform=0.3)]
+        out.append(bl)
+    return out
+
+
+def _same_clips(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for name in ("cell_id", "status", "reason", "t0_ns", "t_exit_ns"):
+            assert getattr(x, name) == getattr(y, name), name
+        for name in ("frames", "frame_indices", "centroids", "boxes", "areas"):
+            u, v = getattr(x, name), getattr(y, name)
+            assert u.dtype == v.dtype and u.shape == v.shape and np.array_equal(u, v), name
+        assert x.features.keys() == y.features.keys()
+        for k in x.features:
+            assert x.features[k] == y.features[k] or (math.isnan(x.features[k])
+                                                      and math.isnan(y.features[k])), k
+
+
+@pytest.mark.parametrize("variant", [
+    {}, {"tracker": {"predictor": "velocity"}}, {"tracker": {"predictor": "null"}},
+    {"tracker": {"assign": "greedy"}}, {"clips": {"max_frames": 30}},
+    {"clips": {"mode": "bbox-resize", "size": 24}}])
+def test_kernel_linker_equals_the_python_reference(cfg, variant):
+    """Dense streams (missed and spurious blobs, jitter, merged pairs, near-collisions, cells
+    in view at start and lost, camera gaps): the kernel linker's clips (crops, numbers,
+    status, features) and counters equal the plain-Python PyLinker's."""
+    from engine.track.linker_py import PyLinker
+    c = cfg.replace(**variant) if variant else cfg
+    g = geometry()
+    rng = np.random.default_rng(11)
+    cells = [entering(i, 14 * i, rng.uniform(35, 115), scale=rng.uniform(0.8, 1.2))
+             for i in range(30)] + [Cell(100, 0, 420.0, 75.0), Cell(101, 0, 200.0, 60.0),
+                                    entering(102, 30, 75.0, lost_at=120)]
+    per_frame = simulate(g, cells, 500, p_miss=0.08, jitter=0.7, spurious=0.2, rng=rng)
+    per_frame = _merge_pairs(per_frame, rng)
+    img = rng.integers(0, 256, (g.height, g.width), dtype=np.uint8)
+    skip = {60, 61, 200}                        # frame numbers the camera lost
+    out = []
+    for cls in (Linker, PyLinker):
+        linker = cls(c, g)
+        clips, live = [], []
+        for f, blobs in enumerate(per_frame):
+            if f in skip:
+                continue
+            clips += linker.next_level(Frame(f, 10**18 + 1000 * f, img), blobs)
+            live.append(linker.live)
+        clips += linker.flush()
+        out.append((clips, live, dict(linker.stats)))
+    (ka, la, sa), (kb, lb, sb) = out
+    assert sa["merged_frames"] > 0 and sa["gap_frames"] > 0 and sa["tracks_started"] > 30
+    assert la == lb and sa == sb
+    _same_clips(ka, kb)
+
+
+def test_linker_reads_the_front_ends_array_like_the_blob_values(cfg):
+    """Blobs handed over as the front end's BlobList (linked from its ``fin`` array) give the
+    same clips as the same blobs in a plain list (read value by value)."""
+    from engine.detect.blobs import FIELDS, to_blobs
+    g = geometry()
+    rng = np.random.default_rng(5)
+    cells = [entering(i, 20 * i, rng.uniform(40, 110)) for i in range(15)]
+    per_frame = _merge_pairs(simulate(g, cells, 400, p_miss=0.05, jitter=0.5, rng=rng), rng)
+
+    def as_blob_list(f, blobs):
+        fin = np.zeros((len(blobs), len(FIELDS)))
+        for k, b in enumerate(blobs):
+            fin[k, :13] = (b.area, b.cx, b.cy, *b.bbox, b.perimeter, b.deform, b.major,
+                           b.minor, b.orientation, b.brightness)
+        out = to_blobs(fin, f)
+        assert list(out) == [b._replace(area=int(b.area), bbox=tuple(b.bbox)) for b in blobs]
+        return out
+
+    img = rng.integers(0, 256, (g.height, g.width), dtype=np.uint8)
+    results = []
+    for wrap in (as_blob_list, lambda f, blobs: list(blobs)):
+        linker = Linker(cfg, g)
+        clips = []
+        for f, blobs in enumerate(per_frame):
+            clips += linker.next_level(Frame(f, f, img), wrap(f, blobs))
+        results.append((clips + linker.flush(), dict(linker.stats)))
+    assert results[0][1] == results[1][1] and results[0][1]["merged_frames"] > 0
+    _same_clips(results[0][0], results[1][0])

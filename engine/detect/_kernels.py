@@ -87,6 +87,50 @@ def mask_runs(mask, runs):
     return n
 
 
+_ONES8 = np.uint64(0x0101010101010101)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row_runs(m8, words, i, y, shift, runs, n):
+    """Append the runs of the non-zero bytes of row ``i`` of ``m8`` (values 0/1, rows a
+    multiple of 8 long; ``words`` is ``m8`` viewed as uint64) to ``runs[n:]`` as
+    ``(y, x0 - shift, x1 - shift)``; returns the new count, -1 when ``runs`` is full.
+    Words of 8 equal bytes that continue the current state are skipped, so the cost
+    follows the transitions, not the row length."""
+    cap = runs.shape[0]
+    prev = np.uint8(0)
+    s = 0
+    for wi in range(words.shape[1]):
+        wv = words[i, wi]
+        if prev == 0:
+            if wv == 0:
+                continue
+        elif wv == _ONES8:
+            continue
+        a = wi * 8
+        for t in range(a, a + 8):
+            f = m8[i, t]
+            if f != prev:
+                if f:
+                    s = t
+                else:
+                    if n >= cap:
+                        return -1
+                    runs[n, 0] = y
+                    runs[n, 1] = s - shift
+                    runs[n, 2] = t - shift
+                    n += 1
+                prev = f
+    if prev:
+        if n >= cap:
+            return -1
+        runs[n, 0] = y
+        runs[n, 1] = s - shift
+        runs[n, 2] = m8.shape[1] - shift
+        n += 1
+    return n
+
+
 @njit(cache=True, nogil=True)
 def threshold_runs(img, lo, hi, off, runs, chunk_any):
     """Runs of the pixels with ``img - off < lo`` or ``img - off > hi`` over the whole frame.
@@ -306,6 +350,47 @@ def accumulate_runs(runs, n, run_label, k, img, use_img, stats, row0):
             for x in range(a, b):
                 acc += row[x]
             s[S_BRIGHT] += acc
+
+
+@njit(cache=True, nogil=True)
+def _accumulate_kept(runs, n, run_label, outrow, strong, stats):
+    """:func:`accumulate_runs` (without brightness) for the labels with ``outrow[L] >= 0``,
+    into row ``outrow[L]``; their seed-pixel counts ``strong`` go to ``S_STRONG``."""
+    for lab in range(outrow.shape[0]):
+        o = outrow[lab]
+        if o < 0:
+            continue
+        for c in range(NSTAT):
+            stats[o, c] = 0.0
+        stats[o, S_X0] = 1e18
+        stats[o, S_Y0] = 1e18
+        stats[o, S_X1] = -1e18
+        stats[o, S_Y1] = -1e18
+        stats[o, S_PARTS] = 1.0
+        stats[o, S_STRONG] = strong[lab]
+    for r in range(n):
+        o = outrow[run_label[r]]
+        if o < 0:
+            continue
+        y = float(runs[r, 0])
+        a = runs[r, 1]
+        b = runs[r, 2]
+        ln = float(b - a)
+        sx = (a + b - 1.0) * ln / 2.0
+        stats[o, S_AREA] += ln
+        stats[o, S_SX] += sx
+        stats[o, S_SY] += y * ln
+        stats[o, S_SXX] += _s2(b - 1.0) - _s2(a - 1.0)
+        stats[o, S_SYY] += y * y * ln
+        stats[o, S_SXY] += y * sx
+        if a < stats[o, S_X0]:
+            stats[o, S_X0] = a
+        if b > stats[o, S_X1]:
+            stats[o, S_X1] = b
+        if y < stats[o, S_Y0]:
+            stats[o, S_Y0] = y
+        if y + 1 > stats[o, S_Y1]:
+            stats[o, S_Y1] = y + 1
 
 
 @njit(cache=True, nogil=True)
@@ -564,6 +649,87 @@ def runs_by_value(lab, runs, run_label, y0, x0):
 
 
 @njit(cache=True, nogil=True)
+def _deepest_neck(ext_x, ext_y, bx0, bx1, by0, by1, ratio):
+    """The deepest neck of a blob from its extent profiles (see :func:`split_neck`):
+    ``(axis, cut)``, axis -1 when no neck is narrower than ``ratio``."""
+    best = ratio
+    axis = -1
+    cut = 0
+    for ax in range(2):
+        a0 = bx0 if ax == 0 else by0
+        a1 = bx1 if ax == 0 else by1
+        span = a1 - a0 + 1
+        if span < 8:
+            continue
+        prof = ext_x if ax == 0 else ext_y
+        lo_c = a0 + span // 4
+        hi_c = a1 - span // 4
+        # running maxima from the left and from the right: O(span)
+        lmax = np.zeros(span + 1, np.int64)
+        rmax = np.zeros(span + 1, np.int64)
+        for t in range(a0, a1 + 1):
+            lmax[t - a0 + 1] = max(lmax[t - a0], prof[t])
+        for t in range(a1, a0 - 1, -1):
+            rmax[t - a0] = max(rmax[t - a0 + 1], prof[t])
+        for c in range(lo_c, hi_c + 1):
+            left = lmax[c - a0]          # max over a0 .. c-1
+            right = rmax[c - a0 + 1]     # max over c+1 .. a1
+            m = min(left, right)
+            if m <= 0:
+                continue
+            r = prof[c] / m
+            if r < best:
+                best = r
+                axis = ax
+                cut = c
+    return axis, cut
+
+
+@njit(cache=True, nogil=True)
+def neck_runs(runs, nrr, run_label, L, bx0, by0, bw, bh, ratio, where):
+    """:func:`split_neck` from the runs of label ``L`` (0-based) whose box starts at
+    (``bx0``, ``by0``) and is ``bw`` x ``bh`` px, without a label image.
+
+    The extent profiles (per column: last - first row + 1; per row: last - first column + 1)
+    are taken from the runs, so the neck found is the one :func:`split_neck` finds on the
+    painted label image. Returns True when there is one; ``where`` then holds the axis and
+    the cut in absolute coordinates (axis 0: the pixels with ``x >= cut`` are beyond it,
+    axis 1: those with ``y >= cut``). Nothing is relabelled.
+    """
+    ext_x = np.zeros(bw, np.int64)
+    ext_y = np.zeros(bh, np.int64)
+    first_y = np.full(bw, bh, np.int64)
+    last_y = np.full(bw, -1, np.int64)
+    first_x = np.full(bh, bw, np.int64)
+    last_x = np.full(bh, -1, np.int64)
+    for r in range(nrr):
+        if run_label[r] != L:
+            continue
+        yy = runs[r, 0] - by0
+        a = runs[r, 1] - bx0
+        b = runs[r, 2] - bx0
+        if a < first_x[yy]:
+            first_x[yy] = a
+        if b - 1 > last_x[yy]:
+            last_x[yy] = b - 1
+        for xx in range(a, b):
+            if yy < first_y[xx]:
+                first_y[xx] = yy
+            if yy > last_y[xx]:
+                last_y[xx] = yy
+    for xx in range(bw):
+        ext_x[xx] = last_y[xx] - first_y[xx] + 1 if last_y[xx] >= 0 else 0
+    for yy in range(bh):
+        ext_y[yy] = last_x[yy] - first_x[yy] + 1 if last_x[yy] >= 0 else 0
+    axis, cut = _deepest_neck(ext_x, ext_y, 0, bw - 1, 0, bh - 1, ratio)
+    if axis < 0:
+        return False
+    where[0] = axis
+    where[1] = cut + (bx0 if axis == 0 else by0)
+    return True
+
+
+@njit(cache=True, nogil=True)
 def split_neck(lab, L, new, ratio, where):
     """Cut label ``L`` of ``lab`` in two at its narrowest neck; the far part becomes ``new``.
 
@@ -605,36 +771,7 @@ def split_neck(lab, L, new, ratio, where):
         ext_x[x] = last_y[x] - first_y[x] + 1 if last_y[x] >= 0 else 0
     for y in range(H):
         ext_y[y] = last_x[y] - first_x[y] + 1 if last_x[y] >= 0 else 0
-    best = ratio
-    axis = -1
-    cut = 0
-    for ax in range(2):
-        a0 = bx0 if ax == 0 else by0
-        a1 = bx1 if ax == 0 else by1
-        span = a1 - a0 + 1
-        if span < 8:
-            continue
-        prof = ext_x if ax == 0 else ext_y
-        lo_c = a0 + span // 4
-        hi_c = a1 - span // 4
-        # running maxima from the left and from the right: O(span)
-        lmax = np.zeros(span + 1, np.int64)
-        rmax = np.zeros(span + 1, np.int64)
-        for t in range(a0, a1 + 1):
-            lmax[t - a0 + 1] = max(lmax[t - a0], prof[t])
-        for t in range(a1, a0 - 1, -1):
-            rmax[t - a0] = max(rmax[t - a0 + 1], prof[t])
-        for c in range(lo_c, hi_c + 1):
-            left = lmax[c - a0]          # max over a0 .. c-1
-            right = rmax[c - a0 + 1]     # max over c+1 .. a1
-            m = min(left, right)
-            if m <= 0:
-                continue
-            r = prof[c] / m
-            if r < best:
-                best = r
-                axis = ax
-                cut = c
+    axis, cut = _deepest_neck(ext_x, ext_y, bx0, bx1, by0, by1, ratio)
     if axis < 0:
         return False
     where[0] = axis
@@ -695,17 +832,20 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
        where ``d < -thr_dark`` or ``d > thr_bright`` (the low threshold scaled by ``K*K``;
        a huge value switches a polarity off). Without smoothing (``len(kern) == 1``) the
        low threshold is folded into the int16 bounds ``lo_w``/``hi_w`` instead. Components
-       are labelled, measured (moments on the raw pixel grid, brightness from ``img``,
-       perimeter) and kept when they contain at least one seed pixel (hysteresis). With
-       ``holes``, holes in the mask (background pixels enclosed by foreground) are filled
-       first, as dclab's masks are. Components larger than ``split_area`` px (> 0) are cut
-       at a narrow neck (:func:`split_neck`): two touching cells.
+       are labelled and kept when they contain at least one seed pixel (hysteresis); only
+       the kept ones are measured (moments on the raw pixel grid, brightness from ``img``,
+       perimeter). With ``holes``, holes in the mask (background pixels enclosed by
+       foreground) are filled first, as dclab's masks are. Components larger than
+       ``split_area`` px (> 0) are cut at a narrow neck (:func:`neck_runs`, the neck
+       :func:`split_neck` finds): two touching cells.
 
-    Everything is computed from runs, without a label image: the perimeter (the estimator
-    of :func:`perimeter_from_labels`) from a branch-free border map of the region's padded
+    Everything is computed from runs, without a label image: the runs of the region's mask
+    by a scan that skips 8-byte words without a transition (:func:`_row_runs`), the neck
+    from the runs' extent profiles, the perimeter (the estimator of
+    :func:`perimeter_from_labels`) from a branch-free border map of the region's padded
     mask, summed along each run (8-neighbours in the mask belong to the same component);
-    only a region in which a neck was cut gets a label image (for :func:`split_neck`),
-    and its border map then compares labels.
+    only a region in which a neck was cut gets a label image, and its border map then
+    compares labels.
 
     Returns the number of rows written to ``stats`` (raw sums, see ``S_*``); -1 when a
     buffer overflowed (the caller grows them and calls again).
@@ -786,8 +926,8 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
         h = y1 - y0
         w = x1 - x0
         # the region's mask with a one-pixel frame of zeros (outside the region = background)
-        mp = np.zeros((h + 2, w + 2), np.uint8)
-        mask = mp[1:h + 1, 1:w + 1]
+        # (rows padded to whole 8-byte words for the run scan)
+        mp = np.zeros((h + 2, (w + 2 + 7) // 8 * 8), np.uint8)
         if nk == 1:
             # no smoothing: the low threshold is folded into lo_w/hi_w like the seeds';
             # branch-free, so LLVM vectorises the row
@@ -829,17 +969,16 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
                     dv = vacc[xx] - brow[x0 + xx]
                     mrow[xx + 1] = np.uint8((dv > thr_bright) | (dv < -thr_dark))
         if holes:
-            fill_holes(mask, np.empty(h * w, np.int64))
+            fill_holes(mp[1:h + 1, 1:w + 1], np.empty(h * w, np.int64))
         # label the region
-        nrr = mask_runs(mask, runs)
-        if nrr < 0:
-            return -1
+        nrr = 0
+        words = mp.view(np.uint64)
+        for yy in range(h):
+            nrr = _row_runs(mp, words, yy + 1, y0 + yy, 1 - x0, runs, nrr)
+            if nrr < 0:
+                return -1
         if nrr == 0:
             continue
-        for r in range(nrr):
-            runs[r, 0] += y0
-            runs[r, 1] += x0
-            runs[r, 2] += x0
         kk = label_runs(runs, nrr, conn8, run_label)
         cut = False
         lab = np.empty((1, 1), np.int32)
@@ -852,8 +991,7 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
             for L in range(kk):
                 big |= area[L] > split_area
             if big:
-                lab = np.zeros((h, w), np.int32)
-                paint_labels(runs, nrr, run_label, lab, y0, x0)
+                # (the neck is found from the runs; a label image only if a cut is made)
                 # a label without a neck stays as it is: it is not tried again
                 nocut = np.zeros(16 * kk + 8, np.bool_)
                 where = np.zeros(2, np.int64)
@@ -862,7 +1000,7 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
                     if not big:
                         break
                     big = False
-                    # label boxes (region coordinates): split_neck looks at the box only
+                    # label boxes (region coordinates): the neck is looked for in the box
                     lb = np.empty((kk, 4), np.int64)
                     for L in range(kk):
                         lb[L, 0] = w
@@ -879,12 +1017,13 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
                     k0 = kk
                     for L in range(k0):
                         if area[L] > split_area and not nocut[L]:
-                            if split_neck(lab[lb[L, 1]:lb[L, 3], lb[L, 0]:lb[L, 2]], L + 1,
-                                          kk + 1, neck_ratio, where):
+                            if neck_runs(runs, nrr, run_label, L, x0 + lb[L, 0], y0 + lb[L, 1],
+                                         lb[L, 2] - lb[L, 0], lb[L, 3] - lb[L, 1], neck_ratio,
+                                         where):
                                 # the runs follow the cut: beyond it they are the new label's
                                 n_all = nrr
                                 if where[0] == 0:
-                                    cutx = x0 + lb[L, 0] + where[1]
+                                    cutx = where[1]
                                     for r in range(nrr):
                                         if run_label[r] == L and runs[r, 2] > cutx:
                                             if runs[r, 1] >= cutx:
@@ -899,7 +1038,7 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
                                                 runs[r, 2] = cutx
                                                 n_all += 1
                                 else:
-                                    cuty = y0 + lb[L, 1] + where[1]
+                                    cuty = where[1]
                                     for r in range(nrr):
                                         if run_label[r] == L and runs[r, 0] >= cuty:
                                             run_label[r] = kk
@@ -914,9 +1053,32 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
                         area = np.zeros(kk, np.int64)
                         for r in range(nrr):
                             area[run_label[r]] += runs[r, 2] - runs[r, 1]
+                if cut:
+                    lab = np.zeros((h, w), np.int32)
+                    paint_labels(runs, nrr, run_label, lab, y0, x0)
         if nout + kk > cap:
             return -1
-        accumulate_runs(runs, nrr, run_label, kk, img, False, stats, nout)
+        # hysteresis first: only the labels with a seed pixel are measured, each into its
+        # final row (a label's sums are added in the same run order as before)
+        strong = np.zeros(kk, np.int64)
+        for r in range(nrr):
+            y = runs[r, 0]
+            cnt = 0
+            for x in range(runs[r, 1], runs[r, 2]):
+                v = np.int16(np.int16(img[y, x]) - off)
+                cnt += (v < lo[y, x]) | (v > hi[y, x])
+            strong[run_label[r]] += cnt
+        outrow = np.empty(kk, np.int64)
+        nkeep = 0
+        for L in range(kk):
+            if strong[L] >= 1:
+                outrow[L] = nout + nkeep
+                nkeep += 1
+            else:
+                outrow[L] = -1
+        if nkeep == 0:
+            continue
+        _accumulate_kept(runs, nrr, run_label, outrow, strong, stats)
         lp = np.empty((1, 1), np.int32)
         bp = np.zeros((h + 2, w + 2), np.uint8)
         if cut:
@@ -952,61 +1114,47 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
                     brow[xx] = me[xx] & (1 - (up[xx] & dn[xx] & lf[xx] & rt[xx]))
         # per run: brightness, seed pixels (hysteresis) and, uncut, the perimeter (a border
         # pixel's 8-neighbours on the border are in its own 8-connected component)
+        # (plain 2-D indexing, no row views: a view in a branchy loop costs Numba an atomic
+        # reference-count pair per run, which was most of this loop's time)
         for r in range(nrr):
+            srow = outrow[run_label[r]]
+            if srow < 0:
+                continue
             y = runs[r, 0]
             a = runs[r, 1]
             b = runs[r, 2]
-            ln = b - a
-            row = img[y, a:b]
-            rlo = lo[y, a:b]
-            rhi = hi[y, a:b]
             acc = 0
-            cnt = 0
-            for t in range(ln):
-                u = row[t]
-                acc += u
-                v = np.int16(np.int16(u) - off)
-                cnt += (v < rlo[t]) | (v > rhi[t])
-            s = stats[nout + run_label[r]]
-            s[S_BRIGHT] += acc
-            s[S_STRONG] += cnt
+            for x in range(a, b):
+                acc += img[y, x]
+            stats[srow, S_BRIGHT] += acc
             # perimeter (scikit-image's border configurations): border pixels among the
-            # 8-neighbours of a border pixel that belong to its label
+            # 8-neighbours of a border pixel that belong to its label; the run's pixels are
+            # the padded columns a - x0 + 1 .. b - x0 of row py
             py = y - y0 + 1
-            up = bp[py - 1, a - x0:b - x0 + 2]     # pixel t of the run is at t + 1
-            me = bp[py, a - x0:b - x0 + 2]
-            dn = bp[py + 1, a - x0:b - x0 + 2]
             per = 0.0
             if not cut:      # uncut: 8-neighbours in the mask are in the same component
-                for t in range(1, ln + 1):
-                    if me[t]:
-                        code = (1 + 2 * (up[t] + dn[t] + me[t - 1] + me[t + 1])
-                                + 10 * (up[t - 1] + up[t + 1] + dn[t - 1] + dn[t + 1]))
+                for t in range(a - x0 + 1, b - x0 + 1):
+                    if bp[py, t]:
+                        code = (1 + 2 * (bp[py - 1, t] + bp[py + 1, t] + bp[py, t - 1]
+                                         + bp[py, t + 1])
+                                + 10 * (bp[py - 1, t - 1] + bp[py - 1, t + 1]
+                                        + bp[py + 1, t - 1] + bp[py + 1, t + 1]))
                         per += weights[code]
             else:
                 L = run_label[r] + 1
-                lu = lp[py - 1, a - x0:b - x0 + 2]
-                lm = lp[py, a - x0:b - x0 + 2]
-                ld = lp[py + 1, a - x0:b - x0 + 2]
-                for t in range(1, ln + 1):
-                    if me[t]:
-                        code = (1 + 2 * ((up[t] & (lu[t] == L)) + (dn[t] & (ld[t] == L))
-                                         + (me[t - 1] & (lm[t - 1] == L))
-                                         + (me[t + 1] & (lm[t + 1] == L)))
-                                + 10 * ((up[t - 1] & (lu[t - 1] == L)) + (up[t + 1] & (lu[t + 1] == L))
-                                        + (dn[t - 1] & (ld[t - 1] == L))
-                                        + (dn[t + 1] & (ld[t + 1] == L))))
+                for t in range(a - x0 + 1, b - x0 + 1):
+                    if bp[py, t]:
+                        code = (1 + 2 * ((bp[py - 1, t] & (lp[py - 1, t] == L))
+                                         + (bp[py + 1, t] & (lp[py + 1, t] == L))
+                                         + (bp[py, t - 1] & (lp[py, t - 1] == L))
+                                         + (bp[py, t + 1] & (lp[py, t + 1] == L)))
+                                + 10 * ((bp[py - 1, t - 1] & (lp[py - 1, t - 1] == L))
+                                        + (bp[py - 1, t + 1] & (lp[py - 1, t + 1] == L))
+                                        + (bp[py + 1, t - 1] & (lp[py + 1, t - 1] == L))
+                                        + (bp[py + 1, t + 1] & (lp[py + 1, t + 1] == L))))
                         per += weights[code]
-            s[S_PERIM] += per
-        # keep labels with seed pixels, compacting in place
-        keep = nout
-        for i in range(kk):
-            if stats[nout + i, S_STRONG] >= 1:
-                if keep != nout + i:
-                    for c in range(NSTAT):
-                        stats[keep, c] = stats[nout + i, c]
-                keep += 1
-        nout = keep
+            stats[srow, S_PERIM] += per
+        nout += nkeep
     return nout
 
 
@@ -1045,7 +1193,10 @@ def finalize(stats, n, do_rejoin, max_gap, min_deform, min_area, rejoin_max_area
 @njit(cache=True, nogil=True)
 def static_flags(cur, prev, pcount, sites, now, static_frames, count, flags):
     """Which blobs are stuck debris (see ``FrontEnd._static``); fills ``count`` and
-    ``flags`` (n,) and returns the updated static sites (rows cx, cy, area, last frame)."""
+    ``flags`` (n,) and returns the updated static sites (rows cx, cy, area, last frame).
+
+    ``cur`` and ``prev`` are finished statistics rows (``F_*`` columns) of this frame's and
+    the previous frame's blobs."""
     n = cur.shape[0]
     m = prev.shape[0]
     for i in range(n):
@@ -1053,11 +1204,11 @@ def static_flags(cur, prev, pcount, sites, now, static_frames, count, flags):
         best = 1e18
         bj = -1
         for j in range(m):
-            d = math.hypot(cur[i, 0] - prev[j, 0], cur[i, 1] - prev[j, 1])
+            d = math.hypot(cur[i, F_CX] - prev[j, F_CX], cur[i, F_CY] - prev[j, F_CY])
             if d < best:
                 best = d
                 bj = j
-        if bj >= 0 and best <= 1.0 and abs(cur[i, 2] / prev[bj, 2] - 1.0) <= 0.25:
+        if bj >= 0 and best <= 1.0 and abs(cur[i, F_AREA] / prev[bj, F_AREA] - 1.0) <= 0.25:
             count[i] = pcount[bj] + 1
         flags[i] = count[i] >= static_frames
     ns = sites.shape[0]
@@ -1065,11 +1216,11 @@ def static_flags(cur, prev, pcount, sites, now, static_frames, count, flags):
         best = 1e18
         bj = -1
         for j in range(ns):
-            d = math.hypot(cur[i, 0] - sites[j, 0], cur[i, 1] - sites[j, 1])
+            d = math.hypot(cur[i, F_CX] - sites[j, 0], cur[i, F_CY] - sites[j, 1])
             if d < best:
                 best = d
                 bj = j
-        if bj >= 0 and best <= 1.5 and abs(cur[i, 2] / sites[bj, 2] - 1.0) <= 0.25:
+        if bj >= 0 and best <= 1.5 and abs(cur[i, F_AREA] / sites[bj, 2] - 1.0) <= 0.25:
             sites[bj, 3] = now
             flags[i] = True
     nnew = 0
@@ -1097,9 +1248,64 @@ def static_flags(cur, prev, pcount, sites, now, static_frames, count, flags):
             if skip > 0:
                 skip -= 1
                 continue
-            out[k, 0] = cur[i, 0]
-            out[k, 1] = cur[i, 1]
-            out[k, 2] = cur[i, 2]
+            out[k, 0] = cur[i, F_CX]
+            out[k, 1] = cur[i, F_CY]
+            out[k, 2] = cur[i, F_AREA]
             out[k, 3] = now
             k += 1
     return out
+
+
+@njit(cache=True, nogil=True)
+def detect_blobs(img, lo, hi, lo_w, hi_w, bg_s, bgi, kern, prm, runs, run_label, chunk_any,
+                 stats, weights, hist, out, res):
+    """One frame, one call: the illumination offset (:func:`illumination_offset`), the blobs
+    (:func:`detect_frame`) and their finished rows (:func:`finalize`) into ``out``.
+
+    ``prm`` (float64) holds the parameters, in order: illumination on (0/1), grid steps y and
+    x, scaled low thresholds dark and bright, region margin, seed_min_px, fill holes (0/1),
+    split area, neck ratio, re-join (0/1), re-join max gap, re-join min deformation,
+    min_area, re-join max area, max_area. ``res`` (int64, 5) receives the offset, the
+    merges, the blobs dropped as too small and too large, and the rows before them.
+    Returns the number of rows in ``out``, -1 when a buffer overflowed (grow, call again).
+    """
+    off = 0
+    if prm[0] != 0.0:
+        off = illumination_offset(img, bgi, int(prm[1]), int(prm[2]), hist)
+    res[0] = off
+    n = detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, np.int64(prm[3]), np.int64(prm[4]),
+                     np.int16(off), int(prm[5]), int(prm[6]), True, runs, run_label,
+                     chunk_any, stats, weights, prm[7] != 0.0, int(prm[8]), prm[9])
+    res[4] = n
+    res[1] = 0
+    res[2] = 0
+    res[3] = 0
+    if n <= 0:
+        return n
+    kept, merged, small, large = finalize(stats, n, prm[10] != 0.0, prm[11], prm[12],
+                                          prm[13], prm[14], prm[15], out)
+    res[1] = merged
+    res[2] = small
+    res[3] = large
+    return kept
+
+
+@njit(cache=True, nogil=True)
+def push_areas(buf, count, fin):
+    """Append the areas of the finished rows ``fin`` to the window ``buf[:count]`` of the
+    most recent areas (at most ``len(buf)``, oldest dropped first); returns the new count
+    and the window's median (``np.median``: the mean of the two middle values when even).
+    """
+    cap = buf.shape[0]
+    n = fin.shape[0]
+    for i in range(n):
+        if count == cap:
+            for k in range(cap - 1):
+                buf[k] = buf[k + 1]
+            count -= 1
+        buf[count] = fin[i, F_AREA]
+        count += 1
+    s = np.sort(buf[:count])
+    h = count // 2
+    med = s[h] if count % 2 == 1 else (s[h - 1] + s[h]) / 2.0
+    return count, med

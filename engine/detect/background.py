@@ -83,6 +83,36 @@ def _fold(acc, img, boxes, nbox, alpha, margin, cover):
                 acc[y, x] += alpha * (np.float32(img[y, x]) - acc[y, x])
 
 
+@njit(cache=True, nogil=True)
+def _tables(image, t, tw, polarity, lo, hi, lo_w, hi_w, rounded, smooth):
+    """The comparison tables of a float32 background, in one pass (``Background._rebuild``).
+
+    ``lo``/``hi`` = ceil/floor(b -/+ t), ``lo_w``/``hi_w`` the same with ``tw``, ``rounded``
+    = rint(b) (int16 each); ``polarity`` 1 (dark only) makes ``hi``/``hi_w`` the int16
+    maximum, 2 (bright only) ``lo``/``lo_w`` the minimum. ``smooth`` (int64, or an empty
+    array) receives rint(b), the smoothed background for a kernel of one tap.
+    """
+    H, W = image.shape
+    fill_s = smooth.shape[0] == H
+    for y in range(H):
+        for x in range(W):
+            b = np.float64(image[y, x])
+            lo[y, x] = np.int16(math.ceil(b - t))
+            hi[y, x] = np.int16(math.floor(b + t))
+            lo_w[y, x] = np.int16(math.ceil(b - tw))
+            hi_w[y, x] = np.int16(math.floor(b + tw))
+            r = np.rint(b)
+            rounded[y, x] = np.int16(r)
+            if fill_s:
+                smooth[y, x] = np.int64(r)
+            if polarity == 1:
+                hi[y, x] = 32767
+                hi_w[y, x] = 32767
+            elif polarity == 2:
+                lo[y, x] = -32768
+                lo_w[y, x] = -32768
+
+
 class Background:
     """Per-pixel background [grey levels] and the comparison tables derived from it.
 
@@ -128,23 +158,27 @@ class Background:
 
     # -- tables -------------------------------------------------------------------------
     def _rebuild(self) -> None:
-        import cv2
-        b = self.image.astype(np.float64)
-        t = self.seed_threshold
-        self.lo = np.ceil(b - t).astype(np.int16)
-        self.hi = np.floor(b + t).astype(np.int16)
-        self.lo_w = np.ceil(b - self.threshold).astype(np.int16)     # the low threshold
-        self.hi_w = np.floor(b + self.threshold).astype(np.int16)
-        if self.polarity == "dark":          # nothing is brighter than 32767
-            self.hi[:] = np.iinfo(np.int16).max
-            self.hi_w[:] = np.iinfo(np.int16).max
-        elif self.polarity == "bright":
-            self.lo[:] = np.iinfo(np.int16).min
-            self.lo_w[:] = np.iinfo(np.int16).min
-        self.rounded = np.rint(b).astype(np.int16)
-        k = self.kernel.astype(np.float64)
-        sm = cv2.sepFilter2D(b, cv2.CV_64F, k, k, borderType=cv2.BORDER_REPLICATE)
-        self.smooth_scaled = np.rint(sm).astype(np.int64)      # scaled by K*K already
+        # one Numba pass (a commit happens every bg_update_frames / 4 frames, in the frame
+        # loop); "dark": nothing is brighter than 32767, "bright": nothing darker than -32768
+        shape = self.image.shape
+        self.lo = np.empty(shape, np.int16)
+        self.hi = np.empty(shape, np.int16)
+        self.lo_w = np.empty(shape, np.int16)       # the low threshold
+        self.hi_w = np.empty(shape, np.int16)
+        self.rounded = np.empty(shape, np.int16)
+        one_tap = self.kernel.shape[0] == 1 and int(self.kernel[0]) == 1
+        smooth = np.empty(shape if one_tap else (0, 0), np.int64)
+        _tables(self.image, self.seed_threshold, self.threshold,
+                {"dark": 1, "bright": 2}.get(self.polarity, 0), self.lo, self.hi, self.lo_w,
+                self.hi_w, self.rounded, smooth)
+        if one_tap:
+            self.smooth_scaled = smooth            # scaled by K*K = 1
+        else:
+            import cv2
+            k = self.kernel.astype(np.float64)
+            sm = cv2.sepFilter2D(self.image.astype(np.float64), cv2.CV_64F, k, k,
+                                 borderType=cv2.BORDER_REPLICATE)
+            self.smooth_scaled = np.rint(sm).astype(np.int64)      # scaled by K*K already
         self.kernel_sum = int(self.kernel.sum())
 
     @property

@@ -10,7 +10,8 @@ tools, the benchmark):
   [px] (scikit-image's 4-neighbourhood border-configuration estimator), deformation
   ``1 - 2 sqrt(pi A) / P`` (dclab's definition), inertia ellipse (full axes [px],
   orientation [rad] from +x, y down) and mean brightness [grey levels].
-* :func:`to_blobs` -- finished rows to :class:`~engine.types.Blob` values.
+* :func:`to_blobs` -- finished rows to :class:`~engine.types.Blob` values (a
+  :class:`BlobList`, which also carries the rows).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ..errors import DetectError
 from ..types import Blob
 from . import _kernels as K
 
-__all__ = ["label", "measure", "to_blobs", "FIELDS"]
+__all__ = ["label", "measure", "to_blobs", "BlobList", "FIELDS"]
 
 FIELDS = ("area", "cx", "cy", "x0", "y0", "x1", "y1", "perimeter", "deform", "major",
           "minor", "orientation", "brightness", "parts")
@@ -114,14 +115,32 @@ def _label_image_runs(labels: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
     return runs, nr, run_label
 
 
-def to_blobs(fin: np.ndarray, frame_index: int) -> list[Blob]:
-    """Finished statistics rows (``FIELDS`` columns) to :class:`Blob` values of one frame."""
+class BlobList(list):
+    """A list of :class:`~engine.types.Blob` values that also carries them as one array.
+
+    ``fin`` is the float64 array (n, len(FIELDS)) of the finished statistics rows the blobs
+    were made from, in the same order, so that a consumer working on arrays (the linker)
+    need not read the Blob values. Treat it as read-only: changing the list does not change
+    ``fin`` (a plain list made from it, e.g. by filtering, carries no ``fin``).
+    """
+
+    __slots__ = ("fin",)
+
+
+def to_blobs(fin: np.ndarray, frame_index: int) -> BlobList:
+    """Finished statistics rows (``FIELDS`` columns) to :class:`Blob` values of one frame.
+
+    The result keeps ``fin`` itself (no copy) as its ``fin``.
+    """
+    out = BlobList()
+    out.fin = fin
     if fin.shape[0] == 0:
-        return []
+        return out
     fi = int(frame_index)
     rows = fin.tolist()
-    areas = fin[:, 0].astype(np.int64).tolist()          # truncation, as int() does
-    boxes = fin[:, 3:7].astype(np.int64).tolist()
     make = tuple.__new__       # Blob's fields in order, without namedtuple's Python __new__
-    return [make(Blob, (fi, r[1], r[2], a, tuple(bx), r[7], r[8], r[9], r[10], r[11], r[12]))
-            for r, a, bx in zip(rows, areas, boxes)]
+    # area and box: truncation to int, as int() does (the values are whole numbers)
+    out.extend([make(Blob, (fi, r[1], r[2], int(r[0]), (int(r[3]), int(r[4]), int(r[5]),
+                                                         int(r[6])),
+                            r[7], r[8], r[9], r[10], r[11], r[12])) for r in rows])
+    return out

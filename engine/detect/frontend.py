@@ -62,7 +62,8 @@ class FrontEnd:
     ----------
     stats : dict
         ``frames``, ``blobs``, ``rejoined``, ``reprimes`` (see :meth:`reprime`) and per-stage
-        times ``us_*`` [µs, summed].
+        times ``us_*`` [µs, summed]: ``us_detect`` (the fused kernel: offset, detection,
+        re-join), ``us_blobs`` (debris test, Blob values), ``us_background``.
     """
 
     def __init__(self, cfg, background: np.ndarray | None = None,
@@ -77,17 +78,21 @@ class FrontEnd:
         self.bg: Background | None = None
         self.stats = {"frames": 0, "blobs": 0, "rejoined": 0, "dropped_small": 0,
                       "dropped_large": 0, "static_dropped": 0, "buffer_grows": 0, "reprimes": 0,
-                      "us_detect": 0.0, "us_rejoin": 0.0, "us_blobs": 0.0, "us_background": 0.0}
+                      "us_detect": 0.0, "us_blobs": 0.0, "us_background": 0.0}
         self._runs = np.empty((4096, 3), np.int64)
         self._run_label = np.empty(4096, np.int64)
         self._stats = np.empty((256, K.NSTAT), np.float64)
+        self._fin = np.empty((256, K.NFIN), np.float64)
+        self._res = np.zeros(5, np.int64)
+        self._prm = np.zeros(16, np.float64)
         self._chunk = np.empty(1, np.uint8)
         self._hist = np.empty(511, np.int64)
         self._step = (8, 16)
         self._since_commit = 0
-        self._prev = (np.zeros((0, 3)), np.zeros(0, np.int64))
+        self._prev = (np.zeros((0, K.NFIN)), np.zeros(0, np.int64))
         self._sites = np.zeros((0, 4))            # static debris: cx, cy, area, last frame
-        self._areas = np.zeros(0)                 # recent blob areas (typical cell size)
+        self._area_buf = np.zeros(256)            # the last 256 blob areas (typical cell size)
+        self._n_areas = 0
         self._typical = 0.0
         if background is not None:
             self.set_background(background, policy="given")
@@ -122,6 +127,7 @@ class FrontEnd:
         sy = max(1, int(round(math.sqrt(H * W / 1000.0) / 1.4)))
         self._step = (sy, max(1, int(round(H * W / 1000.0 / sy))))
         self._since_commit = 0
+        self._set_params()
         if self._geometry_given is None:
             self._geometry = None      # found again lazily from the new background
 
@@ -145,8 +151,8 @@ class FrontEnd:
         # which samples hold cells? (against the first median)
         boxes = []
         for i, im in enumerate(sample):
-            bl = self._detect(np.ascontiguousarray(im), int(idx[i]))
-            boxes.append([b.bbox for b in bl])
+            fin = self._detect(np.ascontiguousarray(im), int(idx[i]))
+            boxes.append([tuple(r) for r in fin[:, K.F_X0:K.F_Y1 + 1].astype(np.int64).tolist()])
         free = [im for im, bx in zip(sample, boxes) if not bx]
         n_cells = len(sample) - len(free)
         if n_cells == 0:
@@ -231,98 +237,99 @@ class FrontEnd:
         self._check_image(image)
         if not image.flags.c_contiguous:
             image = np.ascontiguousarray(image)
-        blobs = self._detect(image, frame.index)
+        fin = self._detect(image, frame.index)
+        t0 = time.perf_counter()
         f = self._f
-        static = self._static(blobs) if f.static_frames > 0 else None
+        static = self._static(fin) if f.static_frames > 0 else None
         if f.bg_update_frames > 0:
-            t0 = time.perf_counter()
             stride = max(1, f.bg_update_frames // 16)
             n = self.stats["frames"]
             if n % stride == 0:
+                t1 = time.perf_counter()
                 # moving blobs are masked out; static ones (stuck debris) may fade in
-                moving = blobs if static is None else [b for b, st in zip(blobs, static) if not st]
-                boxes = np.array([b.bbox for b in moving], np.int64).reshape(-1, 4)
+                moving = fin if static is None else fin[~static]
+                boxes = moving[:, K.F_X0:K.F_Y1 + 1].astype(np.int64)
                 self.bg.observe(image, boxes, stride / f.bg_update_frames, f.roi_margin)
+                self.stats["us_background"] += (time.perf_counter() - t1) * 1e6
             self._since_commit += 1
             if self._since_commit >= max(stride, f.bg_update_frames // 4):
+                t1 = time.perf_counter()
                 self.bg.commit()
                 self._since_commit = 0
-            self.stats["us_background"] += (time.perf_counter() - t0) * 1e6
+                self.stats["us_background"] += (time.perf_counter() - t1) * 1e6
         if static is not None and static.any():
             self.stats["static_dropped"] += int(static.sum())
-            blobs = [b for b, st in zip(blobs, static) if not st]
-        self.stats["frames"] += 1
-        self.stats["blobs"] += len(blobs)
+            fin = fin[~static]
+        blobs = to_blobs(fin, frame.index)
+        st = self.stats
+        st["frames"] += 1
+        st["blobs"] += len(blobs)
+        st["us_blobs"] += (time.perf_counter() - t0) * 1e6
         return blobs
 
-    def _static(self, blobs: list[Blob]) -> np.ndarray:
-        """Flags of blobs that are debris stuck to the chip, not cells in the flow.
+    def _static(self, fin: np.ndarray) -> np.ndarray:
+        """Flags of blobs (finished rows ``fin``) that are debris stuck to the chip, not cells
+        in the flow.
 
         A blob that has not moved (<= 1 px, area within 25 %) for ``static_frames``
         consecutive frames becomes a *static site*; later blobs at a site (<= 1.5 px, area
         within 25 %) are flagged at once, so debris that flickers in and out of the
         threshold stays suppressed. Sites unseen for 50 * ``static_frames`` frames expire.
         """
-        n = len(blobs)
+        n = fin.shape[0]
         now = self.stats["frames"]
         if n == 0:
-            self._prev = (np.zeros((0, 3)), np.zeros(0, np.int64))
+            self._prev = (fin, np.zeros(0, np.int64))
             return np.zeros(0, np.bool_)
-        cur = np.array([(b.cx, b.cy, b.area) for b in blobs], np.float64)
         count = np.empty(n, np.int64)
         flags = np.empty(n, np.bool_)
         prev, pcount = self._prev
-        self._sites = K.static_flags(cur, prev, pcount, self._sites, float(now),
+        self._sites = K.static_flags(fin, prev, pcount, self._sites, float(now),
                                      self._f.static_frames, count, flags)
-        self._prev = (cur, count)
+        self._prev = (fin, count)
         return flags
 
-    def _detect(self, image: np.ndarray, index: int) -> list[Blob]:
+    def _set_params(self) -> None:
+        """The fused kernel's parameter vector (thresholds, areas; see ``K.detect_blobs``)."""
         f = self._f
         bg = self.bg
-        t0 = time.perf_counter()
-        off = K.illumination_offset(image, bg.rounded, self._step[0], self._step[1],
-                                    self._hist) if f.illumination else 0
         thr_s = int(math.floor(f.fg_threshold * bg.kernel_sum * bg.kernel_sum))
-        thr_dark = thr_s if f.polarity != "bright" else _OFF
-        thr_bright = thr_s if f.polarity != "dark" else _OFF
-        margin = f.roi_margin + len(self.kernel) // 2
+        self._prm[:] = (
+            1.0 if f.illumination else 0.0, self._step[0], self._step[1],
+            thr_s if f.polarity != "bright" else _OFF, thr_s if f.polarity != "dark" else _OFF,
+            f.roi_margin + len(self.kernel) // 2, f.seed_min_px, 1.0 if f.fill_holes else 0.0,
+            self._split_area(), f.split_neck_ratio, 1.0 if f.rejoin else 0.0,
+            f.rejoin_max_gap, f.rejoin_min_deform, f.min_area, self._rejoin_cap(), f.max_area)
+
+    def _detect(self, image: np.ndarray, index: int) -> np.ndarray:
+        """Finished statistics rows (``F_*`` columns) of the blobs of one frame (a new array)."""
+        bg = self.bg
+        t0 = time.perf_counter()
         while True:
-            n = K.detect_frame(image, bg.lo, bg.hi, bg.lo_w, bg.hi_w, bg.smooth_scaled,
-                               self.kernel, thr_dark, thr_bright, np.int16(off), margin, f.seed_min_px, True, self._runs,
-                               self._run_label, self._chunk, self._stats, K.PERIM_WEIGHTS,
-                               f.fill_holes, self._split_area(), f.split_neck_ratio)
-            if n >= 0:
+            kept = K.detect_blobs(image, bg.lo, bg.hi, bg.lo_w, bg.hi_w, bg.smooth_scaled,
+                                  bg.rounded, self.kernel, self._prm, self._runs,
+                                  self._run_label, self._chunk, self._stats, K.PERIM_WEIGHTS,
+                                  self._hist, self._fin, self._res)
+            if kept >= 0:
                 break
             self._grow()
-        t1 = time.perf_counter()
-        if n == 0:
-            self.stats["us_detect"] += (t1 - t0) * 1e6
-            return []
-        fin = np.empty((n, K.NFIN), np.float64)
-        kept, merged, small, large = K.finalize(
-            self._stats, n, f.rejoin, f.rejoin_max_gap, f.rejoin_min_deform, f.min_area,
-            self._rejoin_cap(), f.max_area, fin)
-        fin = fin[:kept]
-        if merged or small or large:
-            self.stats["rejoined"] += merged
-            self.stats["dropped_small"] += small
-            self.stats["dropped_large"] += large
-        if fin.shape[0] and (self._areas.size < 64 or index % 16 == 0):
-            self._areas = np.r_[self._areas, fin[:, K.F_AREA]][-256:]
-            self._typical = float(np.median(self._areas))
-        t2 = time.perf_counter()
-        blobs = to_blobs(fin, index)
-        t3 = time.perf_counter()
-        self.stats["us_detect"] += (t1 - t0) * 1e6
-        self.stats["us_rejoin"] += (t2 - t1) * 1e6
-        self.stats["us_blobs"] += (t3 - t2) * 1e6
-        return blobs
+        fin = self._fin[:kept].copy()
+        res = self._res
+        if res[1] or res[2] or res[3]:
+            self.stats["rejoined"] += int(res[1])
+            self.stats["dropped_small"] += int(res[2])
+            self.stats["dropped_large"] += int(res[3])
+        if kept and (self._n_areas < 64 or index % 16 == 0):
+            self._n_areas, self._typical = K.push_areas(self._area_buf, self._n_areas, fin)
+            self._prm[8] = self._split_area()
+            self._prm[14] = self._rejoin_cap()
+        self.stats["us_detect"] += (time.perf_counter() - t0) * 1e6
+        return fin
 
     def _rejoin_cap(self) -> float:
         """Largest area a re-joined blob may have [px²]: 1.3 x the median area of recent
         blobs (whole cells), so two neighbouring cells are never joined into one."""
-        if self._areas.size < 16:
+        if self._n_areas < 16:
             return float(self._f.max_area)
         return min(1.3 * self._typical, float(self._f.max_area))
 
@@ -330,7 +337,7 @@ class FrontEnd:
         """Blobs larger than this [px²] are checked for a neck (two touching cells):
         ``split_area_factor`` x the median area of recent blobs; 0 (off) until 16 blobs
         were seen or when the factor is 0."""
-        if self._f.split_area_factor <= 0 or self._areas.size < 16:
+        if self._f.split_area_factor <= 0 or self._n_areas < 16:
             return 0
         return int(self._f.split_area_factor * self._typical)
 
@@ -338,6 +345,7 @@ class FrontEnd:
         self._runs = np.empty((self._runs.shape[0] * 4, 3), np.int64)
         self._run_label = np.empty(self._runs.shape[0], np.int64)
         self._stats = np.empty((self._stats.shape[0] * 4, K.NSTAT), np.float64)
+        self._fin = np.empty((self._stats.shape[0], K.NFIN), np.float64)
         self.stats["buffer_grows"] += 1
 
     # -- reporting --------------------------------------------------------------------------
