@@ -1,6 +1,8 @@
 """Inference backends on the same SlowFast graphs: clips/s and latency at batch 1 and 8.
 
-Backends: PyTorch eager (CPU), ONNX Runtime (CPU), and where present PyTorch CUDA (eager fp32,
+Backends: PyTorch eager (CPU), ONNX Runtime (CPU) on the exported graph (3D convolutions as
+2D ones, ``fmh export``'s default) and on the graph with native 3D convolutions
+(``--conv3d none``, row ``onnxruntime-cpu-3d``), and where present PyTorch CUDA (eager fp32,
 eager fp16 autocast, and a captured CUDA graph in fp32 and fp16) and TensorRT (FP16). Models: the demo-size R18 (width 16), a full-width R18 and an R50, at 64 x 64
 grey with 32 frames; ``--r50-224`` adds R50 at 224 x 224 (slow on a CPU: few iterations).
 Weights are random (speed does not depend on them). CPU backends use the same thread count
@@ -109,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Checkpoint.from_model(model, trained_on="benchmark, random weights")
         onnx_path = tmp / f"{name}.onnx"
         need_onnx = not args.no_cpu or trt_ok
+        onnx_3d = tmp / f"{name}.conv3d.onnx"
         if need_onnx:
             export_onnx(ckpt, onnx_path, check_batches=(1,), tolerance=1e-3)
+            if not args.no_cpu:
+                export_onnx(ckpt, onnx_3d, check_batches=(1,), tolerance=1e-3, conv3d="none")
         heavy = spec["crop"] >= 224 or "r50" in name
         iters = max(2, args.iters // 3) if heavy and spec["crop"] >= 224 else args.iters
         warm = 1 if spec["crop"] >= 224 else args.warmup
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sess = (ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
                 if need_onnx else None)
+        sess_3d = (ort.InferenceSession(str(onnx_3d), so, providers=["CPUExecutionProvider"])
+                   if need_onnx and not args.no_cpu else None)
         for b in args.batches:
             x = np.random.default_rng(0).standard_normal(
                 (b, *model.config.input_shape)).astype(np.float32)
@@ -134,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(_row(name, "onnxruntime-cpu", b,
                                  _time(lambda: sess.run(None, {"clip": x}), warm, iters), flops,
                                  cpu_name))
-                print(_fmt(rows[-2]), flush=True)
-                print(_fmt(rows[-1]), flush=True)
+                rows.append(_row(name, "onnxruntime-cpu-3d", b,
+                                 _time(lambda: sess_3d.run(None, {"clip": x}), warm, iters),
+                                 flops, cpu_name))
+                for r in rows[-3:]:
+                    print(_fmt(r), flush=True)
             if cuda:
                 rows.extend(_bench_cuda(name, model, x, b, flops, gpu_name, args))
             if trt_ok:
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m bench.bench_backends " + " ".join(argv or sys.argv[1:]),
               "rows": rows, "ort_over_torch_cpu": summary}
     print()
-    print(f"{'model':<11} {'backend':<16} {'batch':>5} {'p50 ms':>9} {'p95 ms':>9} "
+    print(f"{'model':<11} {'backend':<18} {'batch':>5} {'p50 ms':>9} {'p95 ms':>9} "
           f"{'clips/s':>9} {'GFLOP/clip':>10} {'GFLOP/s':>8}")
     for r in rows:
         print(_fmt(r))
@@ -234,13 +244,15 @@ def _ratios(rows: list[dict]) -> dict[str, float]:
     by = {(r["model"], r["backend"], r["batch"]): r for r in rows}
     out = {}
     for (model, backend, batch), r in by.items():
-        if backend == "onnxruntime-cpu" and (model, "torch-cpu", batch) in by:
-            out[f"{model} b{batch}"] = r["clips_per_s"] / by[(model, "torch-cpu", batch)]["clips_per_s"]
+        if backend.startswith("onnxruntime-cpu") and (model, "torch-cpu", batch) in by:
+            tag = " 3d" if backend.endswith("-3d") else ""
+            out[f"{model} b{batch}{tag}"] = (r["clips_per_s"]
+                                            / by[(model, "torch-cpu", batch)]["clips_per_s"])
     return out
 
 
 def _fmt(r: dict) -> str:
-    return (f"{r['model']:<11} {r['backend']:<16} {r['batch']:>5} {r['p50_ms']:>9.2f} "
+    return (f"{r['model']:<11} {r['backend']:<18} {r['batch']:>5} {r['p50_ms']:>9.2f} "
             f"{r['p95_ms']:>9.2f} {r['clips_per_s']:>9.1f} {r['gflop_per_clip']:>10.2f} "
             f"{r['gflop_per_s']:>8.1f}")
 

@@ -6,7 +6,8 @@ the convolutions of a small SlowFast this is memory-bound: the Fast stem (1 inpu
 5 x 7 x 7 kernel, 1-2 output channels on 32 x 64 x 64) unrolls 245 values per output and
 took about half of the demo model's time, for a GEMM with one or two rows. 2D convolutions
 (with ONNX Runtime's blocked NCHWc kernels) do not have that problem, so every ``Conv`` with a
-5-D weight (groups 1, dilation 1, explicit pads) becomes
+5-D weight and a spatial kernel larger than 1 x 1 (groups 1, dilation 1, explicit pads)
+becomes
 
     Transpose (N,C,T,H,W -> N,T,C,H,W) -> Reshape (N*T,C,H,W) -> 2D Conv with kt*C_out outputs
     -> Reshape (N,T,kt*C_out,H',W') -> [kt > 1: Pad in time, then output frame t = sum over
@@ -19,6 +20,9 @@ the 2D conv on the channels of a tap that reads a real frame for every output fr
 centre tap of a "same" convolution), so exactly once per output. Shapes come from ONNX shape
 inference and must be static apart from the batch axis (so the graph computes no shapes at
 run time). ONNX Runtime cancels most of the Transposes between consecutive convolutions.
+Convolutions with a 1 x 1 spatial kernel (an R50's bottleneck ends and temporal 3 x 1 x 1
+convs, the fusion convs) stay 3D: they need no spatial im2col, and lowering them was slower
+on an R50 (33.5 vs 41.1 ms at batch 1 when all were lowered; 34.7 ms with none lowered).
 
 Used by the export (``fmh export --conv3d as2d``, the default; parity against PyTorch is
 checked on the result) and for files exported before (no checkpoint needed):
@@ -63,7 +67,8 @@ def _attr(node, name: str, default):
 
 
 def lower_onnx(model):
-    """A copy of the ``onnx.ModelProto`` with every 3D ``Conv`` written as 2D convolutions.
+    """A copy of the ``onnx.ModelProto`` with its 3D ``Conv``s written as 2D convolutions, and
+    how many; convolutions with a 1 x 1 spatial kernel are left as they are.
 
     Raises
     ------
@@ -120,7 +125,9 @@ def lower_onnx(model):
                                  "constant; it cannot be lowered")
             new_nodes.append(nd)
             continue
-        if weight.ndim != 5:
+        if weight.ndim != 5 or weight.shape[3] * weight.shape[4] == 1:
+            # 1x1 spatial kernels need no spatial im2col: lowering them only adds the tap
+            # sums' memory traffic (measured slower on the wide convolutions of an R50)
             new_nodes.append(nd)
             continue
         if _attr(nd, "group", 1) != 1 or any(d != 1 for d in _attr(nd, "dilations", [1, 1, 1])):
