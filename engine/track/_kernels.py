@@ -60,8 +60,8 @@ DONE_EXIT, DONE_LOST, DONE_LONG = 1, 2, 3
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _field(fld, P, x, y):
-    """FlowPredict.field: learned velocity at (x, y) and whether it is known."""
+def _cells(P, x, y):
+    """The flow-field rows of (x, y): its bin, and its column's row (all y)."""
     b = P[P_BIN]
     nx = int(P[P_NX])
     ny = int(P[P_NY])
@@ -69,11 +69,16 @@ def _field(fld, P, x, y):
     iy = int(y / b)
     ix = 0 if ix < 0 else (nx - 1 if ix >= nx else ix)
     iy = 0 if iy < 0 else (ny - 1 if iy >= ny else iy)
-    g = iy * nx + ix
+    return iy * nx + ix, ny * nx + ix
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _field(fld, P, x, y):
+    """FlowPredict.field: learned velocity at (x, y) and whether it is known."""
+    g, c = _cells(P, x, y)
     n = fld[g, 0]
     if n >= P[P_MINS]:
         return fld[g, 1] / n, fld[g, 2] / n, True
-    c = ny * nx + ix
     n = fld[c, 0]
     if n >= P[P_MINS]:
         return fld[c, 1] / n, fld[c, 2] / n, True
@@ -120,15 +125,8 @@ def predict(ts, i, fi, fld, P):
 
 @njit(cache=True, nogil=True)
 def _learn(fld, P, x, y, vx, vy):
-    b = P[P_BIN]
-    nx = int(P[P_NX])
-    ny = int(P[P_NY])
-    ix = int(x / b)
-    iy = int(y / b)
-    ix = 0 if ix < 0 else (nx - 1 if ix >= nx else ix)
-    iy = 0 if iy < 0 else (ny - 1 if iy >= ny else iy)
     mem = P[P_MEM]
-    for g in (iy * nx + ix, ny * nx + ix):
+    for g in _cells(P, x, y):
         if fld[g, 0] >= mem:
             k = (mem - 1.0) / fld[g, 0]
             fld[g, 0] *= k
