@@ -62,7 +62,6 @@ _FRAME_TIMES = 8192       # processed-frame times kept for the latency lookup (a
 READY_TIMEOUT_S = 120.0   # longest wait for workers (model loading) and the clip store [s]
 ELASTIC_FACTOR = 4        # live rings: the private catch-up buffer holds this many rings
 CLIPSTORE_NICE = 10       # niceness added to the clips.h5 writer process
-GIL_SWITCH_S = 0.001      # GIL switch interval while classifying (see run_pipeline) [s]
 PROGRESS_EVERY_S = 1.0    # the manifest's "progress" series: one point per second
 PROGRESS_POINTS = 3600    # at most this many points (then every other one is dropped)
 
@@ -490,12 +489,6 @@ def run_pipeline(cfg: Config, opts: RunOptions,
         (out / stale).unlink(missing_ok=True)          # from an earlier run in this folder
 
     stop = _Stop().install()
-    # The dispatcher and the collector are threads of this process: a short GIL switch
-    # interval lets them send a clip or take a prediction within ~1 ms while the frame loop
-    # runs, instead of Python's default 5 ms (twice on every cell's path).
-    switch_s = sys.getswitchinterval()
-    if opts.classify:
-        sys.setswitchinterval(min(switch_s, GIL_SWITCH_S))
     lat = _Latency()
     timing: dict[str, float] = {}
     series = _Series(t_start)
@@ -638,7 +631,6 @@ def run_pipeline(cfg: Config, opts: RunOptions,
             files.close(status, timing=timing, progress=series.to_dict(), **extra)
         finally:
             stop.restore()
-            sys.setswitchinterval(switch_s)
     summary = RunSummary(out=out, counts=files.manifest["counts"], status=status,
                          seconds=time.perf_counter() - t_start,
                          latency=files.manifest.get("latency", {}))

@@ -215,20 +215,6 @@ def test_run_gives_every_cell_exactly_one_prediction(seq, tmp_path, capsys):
     assert "report.md" in printed and "latency" in printed
 
 
-def test_classifying_run_shortens_the_gil_switch_interval_and_restores_it(seq, tmp_path):
-    """The dispatcher and collector threads share the frame loop's process: while a run
-    classifies, the GIL is handed over every GIL_SWITCH_S at most (not Python's 5 ms)."""
-    from engine.pipeline import GIL_SWITCH_S
-    before = sys.getswitchinterval()
-    seen = []
-    run_pipeline(load_config(), RunOptions(source=str(seq), out=tmp_path / "run", classify=True,
-                                           model=str(seq.with_name("tiny.onnx")), workers=1,
-                                           progress=False, write_clips=False, max_frames=300),
-                 on_status=lambda st: seen.append(sys.getswitchinterval()))
-    assert seen and max(seen) <= GIL_SWITCH_S < before
-    assert sys.getswitchinterval() == before
-
-
 def test_warm_up_loads_every_kernel_the_frame_loop_uses(tmp_path):
     """Numba loads one specialisation per argument type on first use (~0.1 s from its cache,
     seconds to compile): after _warm_up, a run must not load any in its frame loop (read-only
