@@ -8,10 +8,10 @@ that they all see the same machine load. Prints median / p99 / max [ms] per mode
 
     .venv/bin/python -m bench.bench_model_latency engine/data/demo_model.onnx [OTHER.onnx ...]
 
-``--compare-lowering`` also exports, for each given model, a network of the same architecture
-(from its ``fmh.arch`` metadata, random weights: the speed does not depend on them) twice, with
-the 3D convolutions as they are and written as 2D convolutions over the frames
-(:mod:`export.lower_onnx`), and times both in the same interleaved run (needs torch).
+``--compare-lowering`` times, instead of the given files, a network of each one's architecture
+(from its ``fmh.arch`` metadata, random weights: the speed does not depend on them) exported
+twice, with the 3D convolutions as they are and written as 2D convolutions over the frames
+(:mod:`export.lower_onnx`), both in the same interleaved run (needs torch).
 """
 from __future__ import annotations
 

@@ -207,14 +207,7 @@ class FlowPredict(NullPredict):
                     state.rx, state.ry, state.has_res = rx, ry, True
             if learn:
                 self._learn(mx, my, vx, vy)
-            # NullPredict.observe, inlined (the hot path)
-            if state.has_vel:
-                state.vx = 0.5 * (state.vx + vx)
-                state.vy = 0.5 * (state.vy + vy)
-            else:
-                state.vx, state.vy, state.has_vel = vx, vy, True
-            state.n_links += 1
-        state.x, state.y, state.frame = x, y, int(frame)
+        NullPredict.observe(self, state, x, y, frame)     # own velocity, position
 
     def predict(self, state: TrackState, frame: int) -> tuple[float, float]:
         dt = frame - state.frame
