@@ -115,10 +115,10 @@ def score(truth, clips):
     return len(complete), covered, switches, owners
 
 
-def check(truth, clips, what):
+def check(truth, clips, what, target=0.95):
     n, covered, switches, owners = score(truth, clips)
     assert n >= 20, f"{what}: too few complete cells ({n}) to judge"
-    assert covered >= 0.95 * n, f"{what}: {covered}/{n} cells covered by one complete track"
+    assert covered >= target * n, f"{what}: {covered}/{n} cells covered by one complete track"
     assert switches <= 0.01 * len(truth.cells), f"{what}: {switches} identity switches"
     # every clip that belongs to no cell is noise the linker let through: keep it rare
     assert sum(o is None for o in owners) <= max(2, 0.05 * len(clips)), what
@@ -154,3 +154,20 @@ def test_frontend_and_linker_on_the_synthetic_chip(seed, rate, extra):
     fe.prime(frames)
     _, clips, _ = link(cfg, fe.geometry, frames, truth, fe.process)
     check(truth, clips, f"front end + linker, seed {seed}, {rate} cells/s")
+
+
+@pytest.mark.parametrize("seed,donor", [(201, 0), (1037, 37)])
+def test_frontend_and_linker_on_a_crowded_channel(seed, donor):
+    """30 cells/s: the constriction is covered by cells in most frames and cells often touch
+    there. Primed as ``fmh run`` primes (the first 400 frames), these cases collapsed to
+    3 % and 16 % coverage with a median background; the floor here is below the 0.95 target
+    because touching cells in the constriction still cost complete tracks (0.85 with the
+    true empty frame as background on the first case)."""
+    from engine.detect.frontend import FrontEnd
+
+    cfg, chip, frames, truth = render(seed, 30.0, 2000,
+                                      {"sim.donor": donor, "sim.donor_look": 1.0 if donor else 0.0})
+    fe = FrontEnd(cfg)
+    fe.prime(frames[:400])
+    _, clips, _ = link(cfg, fe.geometry, frames, truth, fe.process)
+    check(truth, clips, f"crowded channel, seed {seed}, donor {donor}", target=0.85)

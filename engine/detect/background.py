@@ -2,13 +2,20 @@
 
 Policy (recorded in :meth:`Background.manifest`)
 ------------------------------------------------
-* **Prime** (report §3.6.1): the per-pixel median of ``bg_frames`` frames sampled evenly over
-  the sequence. The samples are then checked for cells against that first median; when at
-  least half of them are cell-free the median is rebuilt from the cell-free ones only
-  (policy ``"median-cell-free-frames"``), otherwise each pixel's median leaves out the samples
-  in which a blob covered it (``"median-masked-pixels"``). The number of samples with cells
-  that had to be used is the warning count (``prime_frames_with_cells``), as Shape-In
-  records "bg empty" (pitfalls.md §18).
+* **Prime** (report §3.6.1, made robust to crowding): ``bg_frames`` frames sampled evenly over
+  the sequence. The first estimate is the per-pixel *mode* (:func:`mode_stack`), not the
+  report's median: where cells cover a pixel in more than half of the samples (a crowded
+  constriction at 30 cells/s covers its exit in over 80 %), the median lands on cell
+  interiors and every gap between cells then reads as a blob, while the background stays the
+  densest narrow peak of grey levels. The samples are then checked for cells against that
+  estimate: none found, the median of all samples (``"median-all-frames"``, the report's
+  method); at least half of them cell-free, the median of those (``"median-cell-free-frames"``);
+  otherwise each pixel's median leaves out the samples in which a blob covered it, done twice,
+  the second time with the blobs found against the first result (``"median-masked-pixels"``).
+  The number of samples with cells that had to be used is the warning count
+  (``prime_frames_with_cells``), as Shape-In records "bg empty" (pitfalls.md §18). Where cells
+  cover a pixel in nearly every sample (a queue in the channel), no estimate from the
+  sequence is right; a recorded background is then the remedy.
 * **Drift** (illumination, focus): every ``stride = bg_update_frames // 16`` frames,
   :meth:`Background.observe` folds the frame into a running mean with weight
   ``stride / bg_update_frames`` (time constant ``bg_update_frames`` frames), leaving out every
@@ -38,7 +45,7 @@ from numba import njit
 
 from ..errors import DetectError
 
-__all__ = ["Background", "gaussian_kernel_int", "sample_indices"]
+__all__ = ["Background", "gaussian_kernel_int", "median_stack", "mode_stack", "sample_indices"]
 
 
 def gaussian_kernel_int(sigma: float, scale: int = 256) -> np.ndarray:
@@ -213,6 +220,51 @@ class Background:
                 "seed_threshold": self.seed_threshold,
                 "updates": self.updates, "update_samples": self.samples,
                 "update_samples_with_cells_masked": self.samples_with_cells}
+
+
+@njit(cache=True, nogil=True)
+def _mode_kernel(stack, half, out):
+    """Per pixel of a uint8 stack (N, H, W): the densest window of 2*half+1 grey levels and the
+    mean of the samples inside it."""
+    N, H, W = stack.shape
+    hist = np.zeros(256 + 2 * half + 1, np.int64)
+    width = 2 * half + 1
+    for y in range(H):
+        for x in range(W):
+            for k in range(N):
+                hist[stack[k, y, x]] += 1
+            run = 0
+            for v in range(width):
+                run += hist[v]
+            best, at = run, 0
+            for v in range(1, 256 - width + 1):
+                run += hist[v + width - 1] - hist[v - 1]
+                if run > best:
+                    best, at = run, v
+            s, n = 0, 0
+            for k in range(N):
+                v = stack[k, y, x]
+                hist[v] = 0
+                if at <= v < at + width:
+                    s += v
+                    n += 1
+            out[y, x] = s / n
+
+
+def mode_stack(images: Sequence[np.ndarray], half_width: int = 2) -> np.ndarray:
+    """Per-pixel mode [grey levels] of a stack of equally shaped uint8 images, float32: the mean
+    of the samples in the densest window of ``2 * half_width + 1`` grey levels.
+
+    Unlike the median it stays on the background where cells cover a pixel in most samples (a
+    crowded constriction): the background is one narrow peak of camera noise, while the grey
+    levels of the cells that pass (rim, interior, halo, each cell its own) spread out.
+    """
+    stack = np.ascontiguousarray(np.stack([np.asarray(im) for im in images]))
+    if stack.dtype != np.uint8:
+        raise DetectError(f"mode_stack needs uint8 images, got {stack.dtype}")
+    out = np.empty(stack.shape[1:], np.float32)
+    _mode_kernel(stack, int(half_width), out)
+    return out
 
 
 def median_stack(images: Sequence[np.ndarray]) -> np.ndarray:

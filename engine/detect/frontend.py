@@ -34,8 +34,8 @@ import numpy as np
 from ..errors import DetectError
 from ..types import Blob, ChipGeometry, Frame
 from . import _kernels as K
-from .background import (Background, gaussian_kernel_int, median_stack, robust_noise_sd,
-                         sample_indices)
+from .background import (Background, gaussian_kernel_int, median_stack, mode_stack,
+                         robust_noise_sd, sample_indices)
 from .blobs import to_blobs
 from .geometry import find_geometry
 
@@ -145,35 +145,52 @@ class FrontEnd:
         sample = [np.asarray(images[int(i)]) for i in idx]
         for im in sample:
             self._check_image(im)
-        bg0 = median_stack(sample)
+        # First estimate: the per-pixel mode, which stays on the background even where cells
+        # cover a pixel in most samples (a crowded constriction), where the median would not.
+        bg0 = mode_stack(sample)
         sd = robust_noise_sd(sample, bg0)
-        self.set_background(bg0, policy="median-all-frames", noise_sd=sd)
-        # which samples hold cells? (against the first median)
-        boxes = []
-        for i, im in enumerate(sample):
-            fin = self._detect(np.ascontiguousarray(im), int(idx[i]))
-            boxes.append([tuple(r) for r in fin[:, K.F_X0:K.F_Y1 + 1].astype(np.int64).tolist()])
+        self.set_background(bg0, policy="mode-all-frames", noise_sd=sd)
+        # which samples hold cells? (against the first estimate)
+        boxes = self._sample_boxes(sample, idx)
         free = [im for im, bx in zip(sample, boxes) if not bx]
         n_cells = len(sample) - len(free)
         if n_cells == 0:
-            policy, bg, warn = "median-all-frames", bg0, 0
+            policy, bg, warn = "median-all-frames", median_stack(sample), 0
         elif len(free) >= max(3, len(sample) // 2):
             policy, bg, warn = "median-cell-free-frames", median_stack(free), 0
         else:
-            stack = np.stack(sample).astype(np.float32)
-            m = self._f.roi_margin
-            for k, bx in enumerate(boxes):
-                for (x0, y0, x1, y1) in bx:
-                    stack[k, max(y0 - m, 0):y1 + m, max(x0 - m, 0):x1 + m] = np.nan
-            with warnings.catch_warnings():          # pixels covered in every sample
-                warnings.simplefilter("ignore", RuntimeWarning)
-                bg = np.nanmedian(stack, axis=0)
-            bg = np.where(np.isnan(bg), bg0, bg).astype(np.float32)
+            # Crowded: each pixel's median leaves out the samples in which a cell covered it,
+            # twice, the second time with the cells found against the first masked median.
+            bg = self._masked_median(sample, boxes, bg0)
+            self.set_background(bg, policy="median-masked-pixels", noise_sd=sd)
+            boxes = self._sample_boxes(sample, idx)
+            bg = self._masked_median(sample, boxes, bg)
             policy, warn = "median-masked-pixels", n_cells
         sd = robust_noise_sd(free if free else sample, bg)
         self.set_background(bg, policy=policy, noise_sd=sd)
         self.bg.prime_frames = len(sample)
         self.bg.prime_frames_with_cells = warn
+
+    def _sample_boxes(self, sample: list, idx: np.ndarray) -> list[list[tuple]]:
+        """Per background sample: the boxes of the blobs found against the current background."""
+        boxes = []
+        for im, i in zip(sample, idx):
+            fin = self._detect(np.ascontiguousarray(im), int(i))
+            boxes.append([tuple(r) for r in fin[:, K.F_X0:K.F_Y1 + 1].astype(np.int64).tolist()])
+        return boxes
+
+    def _masked_median(self, sample: list, boxes: list, fallback: np.ndarray) -> np.ndarray:
+        """Per-pixel median of the samples, each without its blob boxes (grown by
+        ``roi_margin``); ``fallback`` where every sample was covered."""
+        stack = np.stack(sample).astype(np.float32)
+        m = self._f.roi_margin
+        for k, bx in enumerate(boxes):
+            for (x0, y0, x1, y1) in bx:
+                stack[k, max(y0 - m, 0):y1 + m, max(x0 - m, 0):x1 + m] = np.nan
+        with warnings.catch_warnings():          # pixels covered in every sample
+            warnings.simplefilter("ignore", RuntimeWarning)
+            bg = np.nanmedian(stack, axis=0)
+        return np.where(np.isnan(bg), fallback, bg).astype(np.float32)
 
     def reprime(self, images: Sequence[np.ndarray]) -> None:
         """Build the background afresh from ``images`` (as :meth:`prime`), keeping the geometry.
