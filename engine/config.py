@@ -135,7 +135,8 @@ class ClipConfig:
     mode: Literal["fixed", "bbox-resize"] = opt(
         "fixed", help="fixed canvas centred on the cell, or the report's box resized")
     size: int = opt(64, lo=8, help="canvas side [px]")
-    max_frames: int = opt(512, lo=1, help="longest clip kept; longer tracks are truncated")
+    max_frames: int = opt(2048, lo=1,
+                          help="longest clip kept [frames]; longer tracks are truncated")
     bbox_pad: int = opt(2, lo=0, help="margin around the square box in bbox-resize mode [px]")
 
 

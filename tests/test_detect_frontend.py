@@ -225,6 +225,23 @@ def test_stuck_debris_is_dropped():
     assert fe.stats["static_dropped"] >= 7
 
 
+def test_a_creeping_cell_is_not_taken_for_debris():
+    """A cell moving 0.5 px per frame (a slow flow, or a fast camera) stays within 1 px of its
+    last position every frame; debris is what stays within 1 px of where it was
+    ``static_frames`` frames ago."""
+    cfg = load_config(overrides=["frontend.static_frames=5"])
+    bg = np.full((60, 200), 150, np.uint8)
+    fe = FrontEnd(cfg, background=bg)
+    counts = []
+    for i in range(30):
+        img = bg.copy()
+        x = 20 + i // 2                         # 0.5 px per frame on average
+        img[20:30, x:x + 10] = 100
+        counts.append(len(fe.process(Frame(i, 0, img))))
+    assert counts == [1] * 30
+    assert fe.stats["static_dropped"] == 0
+
+
 @pytest.mark.parametrize("bad, what", [
     (np.zeros((150, 800), np.float32), "float32"),
     (np.zeros((150, 800, 3), np.uint8), r"\(150, 800, 3\)"),

@@ -171,3 +171,18 @@ def test_frontend_and_linker_on_a_crowded_channel(seed, donor):
     fe.prime(frames[:400])
     _, clips, _ = link(cfg, fe.geometry, frames, truth, fe.process)
     check(truth, clips, f"crowded channel, seed {seed}, donor {donor}", target=0.85)
+
+
+def test_frontend_and_linker_on_a_slow_flow():
+    """Cells at 2/5 of the default speed: under 1 px per frame in the inlet (once taken for
+    stuck debris and dropped) and about 650 frames per passage (once cut as "too long" at a
+    512-frame cap; ``clips.max_frames`` is now 2048)."""
+    from engine.detect.frontend import FrontEnd
+
+    cfg, chip, frames, truth = render(11, 12.0, 2000, {"sim.speed_px_per_frame": 2.5})
+    passage = [len(c.frame_numbers) for c in truth.cells if c.complete]
+    assert min(passage) > 512
+    fe = FrontEnd(cfg)
+    fe.prime(frames[:400])
+    _, clips, _ = link(cfg, fe.geometry, frames, truth, fe.process)
+    check(truth, clips, "slow flow")

@@ -1191,16 +1191,22 @@ def finalize(stats, n, do_rejoin, max_gap, min_deform, min_area, rejoin_max_area
 
 
 @njit(cache=True, nogil=True)
-def static_flags(cur, prev, pcount, sites, now, static_frames, count, flags):
-    """Which blobs are stuck debris (see ``FrontEnd._static``); fills ``count`` and
-    ``flags`` (n,) and returns the updated static sites (rows cx, cy, area, last frame).
+def static_flags(cur, prev, pcount, panchor, sites, now, static_frames, count, anchor, flags):
+    """Which blobs are stuck debris (see ``FrontEnd._static``); fills ``count``, ``anchor``
+    (n, 2) and ``flags`` (n,) and returns the updated static sites (rows cx, cy, area, last
+    frame).
 
     ``cur`` and ``prev`` are finished statistics rows (``F_*`` columns) of this frame's and
-    the previous frame's blobs."""
+    the previous frame's blobs; ``pcount`` and ``panchor`` the previous blobs' counts and
+    anchors. A blob continues a previous one's count while it stays within 1 px of that
+    blob's anchor (where the count began), so a cell creeping at under 1 px per frame is not
+    taken for debris: only the position over the whole count matters, not each step."""
     n = cur.shape[0]
     m = prev.shape[0]
     for i in range(n):
         count[i] = 1
+        anchor[i, 0] = cur[i, F_CX]
+        anchor[i, 1] = cur[i, F_CY]
         best = 1e18
         bj = -1
         for j in range(m):
@@ -1208,8 +1214,12 @@ def static_flags(cur, prev, pcount, sites, now, static_frames, count, flags):
             if d < best:
                 best = d
                 bj = j
-        if bj >= 0 and best <= 1.0 and abs(cur[i, F_AREA] / prev[bj, F_AREA] - 1.0) <= 0.25:
+        if (bj >= 0 and best <= 1.0 and abs(cur[i, F_AREA] / prev[bj, F_AREA] - 1.0) <= 0.25
+                and math.hypot(cur[i, F_CX] - panchor[bj, 0],
+                               cur[i, F_CY] - panchor[bj, 1]) <= 1.0):
             count[i] = pcount[bj] + 1
+            anchor[i, 0] = panchor[bj, 0]
+            anchor[i, 1] = panchor[bj, 1]
         flags[i] = count[i] >= static_frames
     ns = sites.shape[0]
     for i in range(n):

@@ -89,7 +89,7 @@ class FrontEnd:
         self._hist = np.empty(511, np.int64)
         self._step = (8, 16)
         self._since_commit = 0
-        self._prev = (np.zeros((0, K.NFIN)), np.zeros(0, np.int64))
+        self._prev = (np.zeros((0, K.NFIN)), np.zeros(0, np.int64), np.zeros((0, 2)))
         self._sites = np.zeros((0, 4))            # static debris: cx, cy, area, last frame
         self._area_buf = np.zeros(256)            # the last 256 blob areas (typical cell size)
         self._n_areas = 0
@@ -288,22 +288,23 @@ class FrontEnd:
         """Flags of blobs (finished rows ``fin``) that are debris stuck to the chip, not cells
         in the flow.
 
-        A blob that has not moved (<= 1 px, area within 25 %) for ``static_frames``
-        consecutive frames becomes a *static site*; later blobs at a site (<= 1.5 px, area
+        A blob that has not moved (within 1 px of where it was ``static_frames`` frames ago,
+        area within 25 %) for ``static_frames`` consecutive frames becomes a *static site*; later blobs at a site (<= 1.5 px, area
         within 25 %) are flagged at once, so debris that flickers in and out of the
         threshold stays suppressed. Sites unseen for 50 * ``static_frames`` frames expire.
         """
         n = fin.shape[0]
         now = self.stats["frames"]
         if n == 0:
-            self._prev = (fin, np.zeros(0, np.int64))
+            self._prev = (fin, np.zeros(0, np.int64), np.zeros((0, 2)))
             return np.zeros(0, np.bool_)
         count = np.empty(n, np.int64)
         flags = np.empty(n, np.bool_)
-        prev, pcount = self._prev
-        self._sites = K.static_flags(fin, prev, pcount, self._sites, float(now),
-                                     self._f.static_frames, count, flags)
-        self._prev = (fin, count)
+        anchor = np.empty((n, 2))
+        prev, pcount, panchor = self._prev
+        self._sites = K.static_flags(fin, prev, pcount, panchor, self._sites, float(now),
+                                     self._f.static_frames, count, anchor, flags)
+        self._prev = (fin, count, anchor)
         return flags
 
     def _set_params(self) -> None:
