@@ -86,6 +86,8 @@ class FrontEndConfig:
     fg_threshold: float = opt(6.0, lo=0, help="front end's low threshold |frame - bg| > T on frames "
                               "smoothed by smooth_sigma [grey levels]")
     smooth_sigma: float = opt(0.0, lo=0, help="blur of frame and background before thresholding [px]")
+    smooth_auto: bool = opt(True, help="raise smooth_sigma to 1 px when the noise measured at "
+                            "priming exceeds 2.5 grey levels, to 1.5 px above 5")
     seed_threshold: float = opt(0.0, lo=0, help="seed (high) threshold on the raw difference "
                                 "[grey levels]; 0: auto = max(2 fg_threshold, 4.5 noise sd, 3)")
     seed_min_px: int = opt(3, lo=1, help="fewest seed pixels that open a region (noise below) [px]")

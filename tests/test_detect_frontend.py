@@ -160,6 +160,24 @@ def test_mode_stack_is_the_densest_window():
         mode_stack([np.zeros((2, 2), np.float32)])
 
 
+@pytest.mark.parametrize("overrides, sigma", [
+    (["sim.noise_sd=4"], 1.0),
+    (["sim.noise_sd=7"], 1.5),
+    (["sim.noise_sd=4", "frontend.smooth_auto=false"], 0.0),
+    ([], 0.0),
+    (["frontend.smooth_sigma=2"], 2.0),
+], ids=["sd4", "sd7", "sd4-off", "sd1.5", "configured"])
+def test_smoothing_follows_the_measured_noise(overrides, sigma):
+    cfg = load_config(overrides=["sim.seed=3"] + overrides)
+    frames, _ = sim.SyntheticChip(cfg).render(120)
+    fe = FrontEnd(cfg)
+    fe.prime(frames)
+    assert fe.smooth_sigma == sigma
+    m = fe.manifest()
+    assert m["smooth_sigma"] == sigma and len(m["smoothing_kernel"]) == len(fe.bg.kernel)
+    assert (len(fe.kernel) > 1) == (sigma > 0)
+
+
 def test_recorded_background_and_polarity():
     cfg = load_config(overrides=["frontend.polarity=dark"])
     bg = np.full((60, 120), 150, np.uint8)

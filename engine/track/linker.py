@@ -68,6 +68,7 @@ __all__ = ["Linker", "link_iter"]
 _CONFIRM_LINKS = 3   # links before a track teaches the flow field
 _AREA_ALPHA = 0.3    # smoothing of a track's typical area
 _SHARE_PX = 8        # a blob this much wider/taller than a cell's predicted box holds more
+_GROW = 1.2          # ... when it also has this much more area (or several tracks claim it)
 _MODES = {"null": K.MODE_NULL, "velocity": K.MODE_VELOCITY, "flow": K.MODE_FLOW}
 _FLOW_MIN_SAMPLES = 3     # FlowPredict's defaults
 _FLOW_MEMORY = 200
@@ -493,6 +494,11 @@ class Linker:
                      or bh > max(p[3] - p[1] for p in pbox.values()) + _SHARE_PX)
             whole = [rows[i][K.T_AREA] for i in members if not _at_edge(_box(rows[i]), W)]
             bigger = bool(whole) and b.area >= self.merge_ratio * max(whole)
+            if wider and len(members) == 1 and b.bbox[0] > self.margin:
+                # A lone cell stretches by more than _SHARE_PX in one frame when it enters
+                # the constriction at speed, without gaining area; a second cell in its blob
+                # adds area (a cell entering at the left edge behind it may not yet).
+                wider = bool(whole) and b.area >= _GROW * max(whole)
             if not (wider or bigger):
                 if owner is None and len(members) == 1:
                     i = members[0]

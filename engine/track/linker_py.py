@@ -27,6 +27,7 @@ __all__ = ["PyLinker"]
 _CONFIRM_LINKS = 3   # links before a track teaches the flow field
 _AREA_ALPHA = 0.3    # smoothing of a track's typical area
 _SHARE_PX = 8        # a blob this much wider/taller than a cell's predicted box holds more
+_GROW = 1.2          # ... when it also has this much more area (or several tracks claim it)
 
 
 class _Track:
@@ -390,6 +391,11 @@ class PyLinker:
                      or bh > max(p[3] - p[1] for p in pbox.values()) + _SHARE_PX)
             whole = [tracks[i].area for i in members if not _at_edge(tracks[i].box, W)]
             bigger = bool(whole) and b.area >= self.merge_ratio * max(whole)
+            if wider and len(members) == 1 and b.bbox[0] > self.margin:
+                # A lone cell stretches by more than _SHARE_PX in one frame when it enters
+                # the constriction at speed, without gaining area; a second cell in its blob
+                # adds area (a cell entering at the left edge behind it may not yet).
+                wider = bool(whole) and b.area >= _GROW * max(whole)
             if not (wider or bigger):
                 if owner is None and len(members) == 1:
                     i = members[0]
