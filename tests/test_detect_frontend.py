@@ -243,6 +243,27 @@ def test_stuck_debris_is_dropped():
     assert fe.stats["static_dropped"] >= 7
 
 
+def test_a_faint_ring_seeded_on_one_side_is_found_whole():
+    """A cell whose outline passes the low threshold all round but the high (seed) one only
+    on a short arc: hysteresis must follow the outline wherever it goes, not stop at a fixed
+    margin around the seeds (the region grows with the component)."""
+    cfg = load_config(overrides=["frontend.static_frames=0", "frontend.rejoin=false"])
+    bg = np.full((80, 160), 120, np.uint8)
+    img = bg.copy()
+    yy, xx = np.mgrid[0:80, 0:160]
+    r = np.hypot(yy - 40, xx - 70)
+    ring = (r >= 14) & (r < 16.5)
+    img[ring] = 111                              # 9 below: over the low threshold (6) only
+    img[ring & (xx >= 82)] = 100                 # the right-hand arc: 20 below, seeds
+    fe = FrontEnd(cfg, background=bg)
+    blobs = fe.process(Frame(0, 0, img))
+    assert len(blobs) == 1, [(b.bbox, b.area) for b in blobs]
+    (b,) = blobs
+    assert b.bbox == (54, 24, 87, 57)            # the whole ring's box
+    assert b.area == int(ring.sum())
+    assert abs(b.cx - 70) < 0.5 and abs(b.cy - 40) < 0.5
+
+
 def test_a_creeping_cell_is_not_taken_for_debris():
     """A cell moving 0.5 px per frame (a slow flow, or a fast camera) stays within 1 px of its
     last position every frame; debris is what stays within 1 px of where it was

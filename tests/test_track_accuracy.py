@@ -192,12 +192,17 @@ def test_frontend_and_linker_on_a_slow_flow():
     (11, {"sim.speed_px_per_frame": 20.0}),
     (11, {"sim.noise_sd": 4.0}),
     (12, {"sim.noise_sd": 4.0}),
-], ids=["fast-flow", "noisy-camera-11", "noisy-camera-12"])
+    (11, {"sim.background": 80.0, "sim.wall_level": 30.0}),
+    (12, {"sim.background": 80.0, "sim.wall_level": 30.0}),
+], ids=["fast-flow", "noisy-camera-11", "noisy-camera-12", "dim-light-11", "dim-light-12"])
 def test_frontend_and_linker_on_other_flows_and_cameras(seed, extra):
     """A flow 3x the default (about 20 px/frame in the constriction: a cell stretches by
     more than 8 px in one frame as it enters, which once read as a second cell in its blob;
-    65 % of cells covered) and a camera with noise sd 4 grey levels (smoothing chosen from
-    the noise measured at priming; 94 % of cells covered on both seeds without it)."""
+    65 % of cells covered), a camera with noise sd 4 grey levels (smoothing chosen from
+    the noise measured at priming; 94 % of cells covered on both seeds without it), and dim
+    light (background 80 instead of 150: cells become faint rings seeded on part of their
+    outline, which fixed-size regions cut into arcs; 84 % and 74 % covered before regions
+    grew with their components)."""
     from engine.detect.frontend import FrontEnd
 
     cfg, chip, frames, truth = render(seed, 12.0, 1500, extra)

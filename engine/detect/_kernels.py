@@ -816,6 +816,71 @@ def illumination_offset(img, bgi, step_y, step_x, hist):
     return 0
 
 
+GROW_ROUNDS = 8     # regions grow by the margin at most this often (8 x 6 px: a cell across)
+
+
+@njit(cache=True, nogil=True)
+def _grow_region(roi, alive, nr, q, runs, nrr, run_label, outrow, margin, W, H):
+    """Grow region ``q`` by ``margin`` on each side (not at the image edge) that a kept
+    component (``outrow[label] >= 0``) touches, taking in the regions not yet measured that
+    it then overlaps. Returns whether it grew."""
+    x0 = roi[q, 0]
+    y0 = roi[q, 1]
+    x1 = roi[q, 2]
+    y1 = roi[q, 3]
+    left = right = top = bottom = False
+    for r in range(nrr):
+        if outrow[run_label[r]] < 0:
+            continue
+        left |= runs[r, 1] == x0 and x0 > 0
+        right |= runs[r, 2] == x1 and x1 < W
+        top |= runs[r, 0] == y0 and y0 > 0
+        bottom |= runs[r, 0] == y1 - 1 and y1 < H
+    if not (left or right or top or bottom):
+        return False
+    if left:
+        roi[q, 0] = max(x0 - margin, 0)
+    if right:
+        roi[q, 2] = min(x1 + margin, W)
+    if top:
+        roi[q, 1] = max(y0 - margin, 0)
+    if bottom:
+        roi[q, 3] = min(y1 + margin, H)
+    changed = True
+    while changed:
+        changed = False
+        for j in range(q + 1, nr):
+            changed |= _absorb(roi, alive, q, j)
+    return True
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _absorb(roi, alive, i, j):
+    """Region ``i`` takes in region ``j`` (its box becomes the union) when their boxes
+    overlap; returns whether it did."""
+    if not (alive[j] and roi[i, 0] < roi[j, 2] and roi[j, 0] < roi[i, 2]
+            and roi[i, 1] < roi[j, 3] and roi[j, 1] < roi[i, 3]):
+        return False
+    roi[i, 0] = min(roi[i, 0], roi[j, 0])
+    roi[i, 1] = min(roi[i, 1], roi[j, 1])
+    roi[i, 2] = max(roi[i, 2], roi[j, 2])
+    roi[i, 3] = max(roi[i, 3], roi[j, 3])
+    alive[j] = False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _merge_regions(roi, alive, nr):
+    """Merge overlapping regions (boxes) into their union, until none overlap."""
+    changed = True
+    while changed:
+        changed = False
+        for i in range(nr):
+            if alive[i]:
+                for j in range(i + 1, nr):
+                    changed |= _absorb(roi, alive, i, j)
+
+
 @njit(cache=True, nogil=True)
 def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off, margin,
                  min_seed, conn8, runs, run_label, chunk_any, stats, weights, holes, split_area,
@@ -826,13 +891,20 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
        ``[lo, hi]``, a high threshold), labelled; seed blobs with fewer than ``min_seed``
        pixels are noise.
     2. *Regions*: each seed blob's box grown by ``margin`` px; overlapping regions merged.
+       A region in which a kept component (step 3) touches the border grows by ``margin``
+       on that side and is done again, up to ``GROW_ROUNDS`` times (:func:`_grow_region`):
+       a component is followed wherever it goes, not cut at a fixed distance from its seeds
+       (a faint ring-like cell seeded on one side only was cut into arcs). Regions already
+       measured keep their pixels; those not yet measured that it reaches are taken in.
     3. In each region, the frame is smoothed with the separable integer kernel ``kern``
        (binomial, sum ``K``), compared with the equally smoothed background ``bg_s``
        (int64, scaled by ``K*K``): with ``d = smooth(img) - off*K*K - bg_s``, foreground
        where ``d < -thr_dark`` or ``d > thr_bright`` (the low threshold scaled by ``K*K``;
        a huge value switches a polarity off). Without smoothing (``len(kern) == 1``) the
        low threshold is folded into the int16 bounds ``lo_w``/``hi_w`` instead. Components
-       are labelled and kept when they contain at least one seed pixel (hysteresis); only
+       are labelled and kept when they contain at least ``min_seed`` seed pixels
+       (hysteresis, the seed blobs' own minimum: a patch of background error that a grown
+       region reaches needs more than a stray noise pixel to count); only
        the kept ones are measured (moments on the raw pixel grid, brightness from ``img``,
        perimeter). With ``holes``, holes in the mask (background pixels enclosed by
        foreground) are filled first, as dclab's masks are. Components larger than
@@ -889,36 +961,26 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
         roi[nr, 2] = min(sb[i, 2] + margin, W)
         roi[nr, 3] = min(sb[i, 3] + margin, H)
         nr += 1
-    changed = True
     alive = np.ones(nr, np.bool_)
-    while changed:
-        changed = False
-        for i in range(nr):
-            if not alive[i]:
-                continue
-            for j in range(i + 1, nr):
-                if not alive[j]:
-                    continue
-                if (roi[i, 0] < roi[j, 2] and roi[j, 0] < roi[i, 2]
-                        and roi[i, 1] < roi[j, 3] and roi[j, 1] < roi[i, 3]):
-                    roi[i, 0] = min(roi[i, 0], roi[j, 0])
-                    roi[i, 1] = min(roi[i, 1], roi[j, 1])
-                    roi[i, 2] = max(roi[i, 2], roi[j, 2])
-                    roi[i, 3] = max(roi[i, 3], roi[j, 3])
-                    alive[j] = False
-                    changed = True
-    # ---- 3. low threshold inside each region
+    _merge_regions(roi, alive, nr)
     nk = kern.shape[0]
     rad = nk // 2
     ksum = 0
     for t in range(nk):
         ksum += kern[t]
     offs = np.int64(off) * ksum * ksum
+    # ---- 3. low threshold inside each region
     nout = 0
     cap = stats.shape[0]
-    for q in range(nr):
-        if not alive[q]:
-            continue
+    q = -1
+    rounds = 0
+    while True:
+        if rounds == 0:                       # the next region (rounds > 0: q again, grown)
+            q += 1
+            while q < nr and not alive[q]:
+                q += 1
+            if q >= nr:
+                break
         x0 = roi[q, 0]
         y0 = roi[q, 1]
         x1 = roi[q, 2]
@@ -968,6 +1030,13 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
                 for xx in range(w):
                     dv = vacc[xx] - brow[x0 + xx]
                     mrow[xx + 1] = np.uint8((dv > thr_bright) | (dv < -thr_dark))
+        if rounds > 0:
+            # grown over regions already measured: their pixels stay theirs
+            for j in range(q):
+                if alive[j]:
+                    for yy in range(max(roi[j, 1], y0), min(roi[j, 3], y1)):
+                        for xx in range(max(roi[j, 0], x0), min(roi[j, 2], x1)):
+                            mp[yy - y0 + 1, xx - x0 + 1] = 0
         if holes:
             fill_holes(mp[1:h + 1, 1:w + 1], np.empty(h * w, np.int64))
         # label the region
@@ -978,6 +1047,7 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
             if nrr < 0:
                 return -1
         if nrr == 0:
+            rounds = 0
             continue
         kk = label_runs(runs, nrr, conn8, run_label)
         cut = False
@@ -1058,8 +1128,8 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
                     paint_labels(runs, nrr, run_label, lab, y0, x0)
         if nout + kk > cap:
             return -1
-        # hysteresis first: only the labels with a seed pixel are measured, each into its
-        # final row (a label's sums are added in the same run order as before)
+        # hysteresis first: only the labels with min_seed seed pixels are measured, each into
+        # its final row (a label's sums are added in the same run order as before)
         strong = np.zeros(kk, np.int64)
         for r in range(nrr):
             y = runs[r, 0]
@@ -1071,11 +1141,16 @@ def detect_frame(img, lo, hi, lo_w, hi_w, bg_s, kern, thr_dark, thr_bright, off,
         outrow = np.empty(kk, np.int64)
         nkeep = 0
         for L in range(kk):
-            if strong[L] >= 1:
+            if strong[L] >= min_seed:
                 outrow[L] = nout + nkeep
                 nkeep += 1
             else:
                 outrow[L] = -1
+        if nkeep and rounds < GROW_ROUNDS and _grow_region(roi, alive, nr, q, runs, nrr,
+                                                          run_label, outrow, margin, W, H):
+            rounds += 1                       # a kept component reaches the border: again
+            continue
+        rounds = 0
         if nkeep == 0:
             continue
         _accumulate_kept(runs, nrr, run_label, outrow, strong, stats)

@@ -9,7 +9,9 @@ Per frame (:meth:`FrontEnd.process`)
    around each seed blob a region is smoothed with the integer Gaussian kernel of
    ``smooth_sigma`` and thresholded at ``fg_threshold`` against the background smoothed alike;
    components are labelled (8-connectivity, runs + union-find) and measured in the same
-   pass; components without seed pixels are dropped (hysteresis).
+   pass; components with fewer than ``seed_min_px`` seed pixels are dropped (hysteresis).
+   Regions grow while a component reaches their border, so a faint cell whose outline is
+   seeded on one side only is still found whole.
 3. Split cells are re-joined (report §3.6.1; :func:`engine.detect._kernels.rejoin`), blobs
    outside ``[min_area, max_area]`` dropped.
 4. Blobs that have not moved (<= 1 px) for ``static_frames`` frames are debris stuck to the
@@ -313,9 +315,9 @@ class FrontEnd:
         in the flow.
 
         A blob that has not moved (within 1 px of where it was ``static_frames`` frames ago,
-        area within 25 %) for ``static_frames`` consecutive frames becomes a *static site*; later blobs at a site (<= 1.5 px, area
-        within 25 %) are flagged at once, so debris that flickers in and out of the
-        threshold stays suppressed. Sites unseen for 50 * ``static_frames`` frames expire.
+        area within 25 %) for ``static_frames`` consecutive frames becomes a *static site*;
+        later blobs at a site (<= 1.5 px, area within 25 %) are flagged at once, so debris
+        that flickers in and out of the threshold stays suppressed. Sites unseen for 50 * ``static_frames`` frames expire.
         """
         n = fin.shape[0]
         now = self.stats["frames"]
@@ -341,7 +343,7 @@ class FrontEnd:
             thr_s if f.polarity != "bright" else _OFF, thr_s if f.polarity != "dark" else _OFF,
             f.roi_margin + len(self.kernel) // 2, f.seed_min_px, 1.0 if f.fill_holes else 0.0,
             self._split_area(), f.split_neck_ratio, 1.0 if f.rejoin else 0.0,
-            f.rejoin_max_gap, f.rejoin_min_deform, f.min_area, self._rejoin_cap(), f.max_area)
+            self._rejoin_gap(), f.rejoin_min_deform, f.min_area, self._rejoin_cap(), f.max_area)
 
     def _detect(self, image: np.ndarray, index: int) -> np.ndarray:
         """Finished statistics rows (``F_*`` columns) of the blobs of one frame (a new array)."""
@@ -365,6 +367,7 @@ class FrontEnd:
             self._n_areas, self._typical = K.push_areas(self._area_buf, self._n_areas, fin)
             self._prm[8] = self._split_area()
             self._prm[14] = self._rejoin_cap()
+            self._prm[11] = self._rejoin_gap()
         self.stats["us_detect"] += (time.perf_counter() - t0) * 1e6
         return fin
 
@@ -374,6 +377,15 @@ class FrontEnd:
         if self._n_areas < 16:
             return float(self._f.max_area)
         return min(1.3 * self._typical, float(self._f.max_area))
+
+    def _rejoin_gap(self) -> float:
+        """Widest gap [px] between the boxes of two parts of one cell that are re-joined:
+        ``rejoin_max_gap``, or a third of the typical cell's diameter when that is larger
+        (the outline of a 45 px cell leaving the constriction breaks into arcs 11 px apart)."""
+        gap = float(self._f.rejoin_max_gap)
+        if self._n_areas < 16:
+            return gap
+        return max(gap, math.sqrt(4.0 * self._typical / math.pi) / 3.0)
 
     def _split_area(self) -> int:
         """Blobs larger than this [px²] are checked for a neck (two touching cells):
