@@ -178,6 +178,40 @@ def test_smoothing_follows_the_measured_noise(overrides, sigma):
     assert (len(fe.kernel) > 1) == (sigma > 0)
 
 
+@pytest.mark.parametrize("gain_every", [16, 0])
+def test_background_follows_a_lamp_that_dims(gain_every):
+    """A lamp 10 % dimmer scales the image: the channel (150) drops by 15 grey levels, the
+    walls (60) by 6, which no single offset follows. The gain fit rescales the background;
+    without it (the running mean takes thousands of frames) the whole channel stays over the
+    low threshold, and a cell in it floods into one channel-sized component."""
+    cfg = load_config(overrides=[f"frontend.gain_every={gain_every}",
+                                 "frontend.static_frames=0"])
+    rng = np.random.default_rng(0)
+    bg = np.full((100, 400), 60.0)
+    bg[30:70, :] = 150.0                                  # a bright channel between walls
+    fe = FrontEnd(cfg, background=bg)
+    yy, xx = np.mgrid[0:100, 0:400]
+    found = []
+    for i in range(96):
+        img = 0.9 * bg + rng.normal(0, 1.0, bg.shape)
+        cell = np.hypot(yy - 50, xx - (100 + 2 * i)) < 9
+        img[cell] -= 40.0                                 # a dark cell moving along
+        img = np.clip(img, 0, 255).round().astype(np.uint8)
+        blobs = fe.process(Frame(i, 0, img))
+        found.append([(b.area, int(cell.sum())) for b in blobs])
+    err = np.abs(fe.background - 0.9 * bg)
+    if gain_every:
+        assert fe.bg.manifest()["gain_rescales"] >= 1
+        assert err.max() < 1.0, err.max()
+        for bl in found[-32:]:                            # the cell, alone and whole
+            assert len(bl) == 1 and abs(bl[0][0] - bl[0][1]) <= 0.1 * bl[0][1], bl
+    else:
+        assert fe.bg.manifest()["gain_rescales"] == 0
+        assert err.max() > 5.0
+        # flooded: a component many times the cell (or dropped as too large)
+        assert all(all(a > 4 * c for a, c in bl) for bl in found[-32:]), found[-1]
+
+
 def test_recorded_background_and_polarity():
     cfg = load_config(overrides=["frontend.polarity=dark"])
     bg = np.full((60, 120), 150, np.uint8)

@@ -22,9 +22,12 @@ import pytest
 
 from engine.config import load_config
 from engine.track import Linker
-from engine.types import Blob, Frame, TrackStatus
+from engine.types import Blob, Frame
 
 from engine.sources import sim  # noqa: E402
+
+# The robustness benchmark's scoring, so that tests and bench/RESULTS.md measure alike.
+from bench.bench_robustness import score_clips as score  # noqa: E402
 
 TOL_PX = 8.0
 OTHER_GEOMETRY = {
@@ -85,34 +88,6 @@ def link(cfg, geometry, frames, truth, blobs_of):
         live.append(linker.live)
     clips += linker.flush()
     return linker, clips, live
-
-
-def score(truth, clips):
-    pos: dict[int, list[tuple[int, float, float]]] = {}
-    for c in truth.cells:
-        for f, xy in zip(c.frame_numbers.tolist(), c.centroids):
-            pos.setdefault(f, []).append((c.cell_id, float(xy[0]), float(xy[1])))
-    owners, switches = [], 0
-    for clip in clips:
-        ids = []
-        for f, (x, y), a in zip(clip.frame_indices.tolist(), clip.centroids, clip.areas):
-            if a == 0:
-                continue
-            best, bd = None, TOL_PX
-            for cid, tx, ty in pos.get(f, []):
-                d = float(np.hypot(tx - x, ty - y))
-                if d < bd:
-                    best, bd = cid, d
-            if best is not None:
-                ids.append(best)
-        owners.append(max(set(ids), key=ids.count) if ids else None)
-        switches += sum(1 for a, b in zip(ids, ids[1:]) if a != b)
-    complete = [c for c in truth.cells if c.complete]
-    covered = 0
-    for c in complete:
-        mine = [cl for cl, o in zip(clips, owners) if o == c.cell_id]
-        covered += len(mine) == 1 and mine[0].status is TrackStatus.COMPLETE
-    return len(complete), covered, switches, owners
 
 
 def check(truth, clips, what, target=0.95):

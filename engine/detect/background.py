@@ -23,6 +23,12 @@ Policy (recorded in :meth:`Background.manifest`)
   that running mean becomes the active background (tables rebuilt). Folding costs one pass
   over a frame every ``stride`` frames, the rebuild a few passes every ``bg_update_frames // 4``
   (together about 2 µs per frame amortised); no median is recomputed on the hot path.
+* **Gain** (a lamp that dims or brightens scales the image, which the per-frame median
+  offset cannot follow: walls and channel move by different amounts): every
+  ``gain_every`` frames :class:`~engine.detect.frontend.FrontEnd` fits frame = gain x
+  background + offset on the offset grid outside the blobs, and :meth:`Background.rescale`
+  applies it when it moves the background by more than 1.5 grey levels between its dark and
+  bright samples.
 * A recorded background (RT-DC ``image_bg``, a user image) replaces the median
   (policy ``"given"``); it is kept current the same way unless ``bg_update_frames == 0``.
 
@@ -159,6 +165,7 @@ class Background:
         self.updates = 0
         self.samples = 0
         self.samples_with_cells = 0
+        self.rescales = 0
         self._acc: np.ndarray | None = None
         self._cover: np.ndarray | None = None
         self._rebuild()
@@ -204,6 +211,17 @@ class Background:
         self.samples += 1
         self.samples_with_cells += nbox > 0
 
+    def rescale(self, gain: float, offset: float) -> None:
+        """The scene's illumination changed by ``gain`` and ``offset`` (frame = gain x
+        background + offset): apply it to the background and the running mean at once
+        (tables rebuilt), rather than waiting ``bg_update_frames`` for the mean to follow."""
+        self.image = (self.image * np.float32(gain) + np.float32(offset)).astype(np.float32)
+        if self._acc is not None:
+            self._acc *= np.float32(gain)
+            self._acc += np.float32(offset)
+        self._rebuild()
+        self.rescales += 1
+
     def commit(self) -> None:
         """Make the running mean the active background (rebuilds the tables)."""
         if self._acc is None:
@@ -218,7 +236,8 @@ class Background:
                 "prime_frames_with_cells": self.prime_frames_with_cells,
                 "noise_sd": None if math.isnan(self.noise_sd) else round(self.noise_sd, 3),
                 "seed_threshold": self.seed_threshold,
-                "updates": self.updates, "update_samples": self.samples,
+                "updates": self.updates, "gain_rescales": self.rescales,
+                "update_samples": self.samples,
                 "update_samples_with_cells_masked": self.samples_with_cells}
 
 

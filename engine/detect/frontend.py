@@ -97,6 +97,7 @@ class FrontEnd:
         self._area_buf = np.zeros(256)            # the last 256 blob areas (typical cell size)
         self._n_areas = 0
         self._typical = 0.0
+        self._gain_grid: tuple | None = None      # (background key, grid indices, values)
         if background is not None:
             self.set_background(background, policy="given")
 
@@ -284,6 +285,10 @@ class FrontEnd:
         t0 = time.perf_counter()
         f = self._f
         static = self._static(fin) if f.static_frames > 0 else None
+        if f.gain_every > 0 and self.stats["frames"] % f.gain_every == f.gain_every - 1:
+            t1 = time.perf_counter()
+            self._follow_gain(image, fin)
+            self.stats["us_background"] += (time.perf_counter() - t1) * 1e6
         if f.bg_update_frames > 0:
             stride = max(1, f.bg_update_frames // 16)
             n = self.stats["frames"]
@@ -309,6 +314,47 @@ class FrontEnd:
         st["blobs"] += len(blobs)
         st["us_blobs"] += (time.perf_counter() - t0) * 1e6
         return blobs
+
+    def _follow_gain(self, image: np.ndarray, fin: np.ndarray) -> None:
+        """Fit frame = gain x background + offset on the illumination grid, leaving out the
+        blobs' boxes (grown by ``roi_margin``), and rescale the background when the fit moves
+        it by more than 1.5 grey levels between its dark and bright samples.
+
+        Robust and cheap (about 1000 samples): the medians of frame and background over the
+        samples darker and brighter than the background's median give two points of the
+        line. It needs contrast in the background (walls against channel): with less than
+        20 grey levels between the two halves the gain is left alone (the per-frame median
+        offset still applies)."""
+        bg = self.bg
+        key = (id(bg), bg.updates, bg.rescales)
+        if self._gain_grid is None or self._gain_grid[0] != key:
+            sy, sx = self._step
+            gy, gx = np.mgrid[sy // 2:bg.shape[0]:sy, sx // 2:bg.shape[1]:sx]
+            flat = (gy * bg.shape[1] + gx).ravel()
+            self._gain_grid = (key, flat, gy.ravel(), gx.ravel(), bg.image.ravel()[flat])
+        _, flat, gy, gx, b = self._gain_grid
+        v = image.ravel()[flat]
+        if fin.shape[0]:
+            keep = np.ones(flat.size, np.bool_)
+            m = self._f.roi_margin
+            for x0, y0, x1, y1 in fin[:, K.F_X0:K.F_Y1 + 1].astype(np.int64).tolist():
+                keep &= ~((gx >= x0 - m) & (gx < x1 + m) & (gy >= y0 - m) & (gy < y1 + m))
+            b, v = b[keep], v[keep]
+        if b.size < 100:
+            return
+        mid = np.median(b)
+        lo, hi = b <= mid, b > mid
+        if lo.sum() < 20 or hi.sum() < 20:
+            return
+        b_lo, b_hi = float(np.median(b[lo])), float(np.median(b[hi]))
+        if b_hi - b_lo < 20.0:
+            return
+        v_lo, v_hi = float(np.median(v[lo])), float(np.median(v[hi]))
+        gain = (v_hi - v_lo) / (b_hi - b_lo)
+        if not (0.5 < gain < 2.0) or abs(gain - 1.0) * (b_hi - b_lo) <= 1.5:
+            return
+        offset = v_lo - gain * b_lo
+        bg.rescale(gain, offset)
 
     def _static(self, fin: np.ndarray) -> np.ndarray:
         """Flags of blobs (finished rows ``fin``) that are debris stuck to the chip, not cells
