@@ -391,10 +391,11 @@ class PyLinker:
                      or bh > max(p[3] - p[1] for p in pbox.values()) + _SHARE_PX)
             whole = [tracks[i].area for i in members if not _at_edge(tracks[i].box, W)]
             bigger = bool(whole) and b.area >= self.merge_ratio * max(whole)
-            if wider and len(members) == 1 and b.bbox[0] > self.margin:
+            inside = self.margin < b.bbox[0] and b.bbox[2] < W - self.margin
+            if wider and len(members) == 1 and inside:
                 # A lone cell stretches by more than _SHARE_PX in one frame when it enters
                 # the constriction at speed, without gaining area; a second cell in its blob
-                # adds area (a cell entering at the left edge behind it may not yet).
+                # adds area (not so at the image edges, where cells enter and leave).
                 wider = bool(whole) and b.area >= _GROW * max(whole)
             if not (wider or bigger):
                 if owner is None and len(members) == 1:
