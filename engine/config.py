@@ -103,9 +103,9 @@ class FrontEndConfig:
     split_neck_ratio: float = opt(0.6, lo=0, hi=1, help="a neck is narrower than this x the "
                                   "blob's extent on both sides")
     illumination: bool = opt(True, help="subtract each frame's median offset from the background")
-    gain_every: int = opt(128, lo=0, help="every this many frames, fit frame = gain x background + "
-                          "offset outside the blobs and rescale the background when the gain "
-                          "moved it by over 1.5 grey levels (0: never)")
+    gain_every: int = opt(32, lo=0, help="every this many frames, fit frame = gain x background + "
+                          "offset outside the blobs; the mean of 8 fits rescales the background "
+                          "when it moves it by over 1.5 grey levels (0: never)")
     rejoin_min_deform: float = opt(0.1, lo=0, hi=1, help="a part needs deformation >= this "
                                    "(low circularity) to be re-joined")
     min_area: int = opt(50, lo=1, help="drop blobs smaller than this [px²]")

@@ -27,8 +27,8 @@ Policy (recorded in :meth:`Background.manifest`)
   offset cannot follow: walls and channel move by different amounts): every
   ``gain_every`` frames :class:`~engine.detect.frontend.FrontEnd` fits frame = gain x
   background + offset on the offset grid outside the blobs, and :meth:`Background.rescale`
-  applies it when it moves the background by more than 1.5 grey levels between its dark and
-  bright samples.
+  applies the mean of 8 such fits (a flickering lamp changes single frames) when it moves
+  the background by more than 1.5 grey levels between its dark and bright samples.
 * A recorded background (RT-DC ``image_bg``, a user image) replaces the median
   (policy ``"given"``); it is kept current the same way unless ``bg_update_frames == 0``.
 
@@ -293,7 +293,13 @@ def median_stack(images: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def robust_noise_sd(images: Sequence[np.ndarray], bg: np.ndarray) -> float:
-    """Noise sd [grey levels] of frames about the background: 1.4826 * MAD of the residuals."""
-    res = np.concatenate([(np.asarray(im, np.float32) - bg).ravel()[::7] for im in images])
+    """Noise sd [grey levels] of frames about the background: 1.4826 * MAD of the residuals,
+    each frame's residuals taken about their own median first (a frame-wide flicker is not
+    pixel noise: the per-frame illumination offset removes it)."""
+    res = []
+    for im in images:
+        r = (np.asarray(im, np.float32) - bg).ravel()[::7]
+        res.append(r - np.median(r))
+    res = np.concatenate(res)
     med = np.median(res)
     return float(1.4826 * np.median(np.abs(res - med)))

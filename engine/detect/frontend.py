@@ -44,6 +44,7 @@ from .geometry import find_geometry
 __all__ = ["FrontEnd"]
 
 _OFF = 1 << 62      # a threshold no difference reaches: switches one polarity off
+_GAIN_SAMPLES = 8   # gain fits averaged before the background is rescaled (_follow_gain)
 
 
 class FrontEnd:
@@ -97,7 +98,8 @@ class FrontEnd:
         self._area_buf = np.zeros(256)            # the last 256 blob areas (typical cell size)
         self._n_areas = 0
         self._typical = 0.0
-        self._gain_grid: tuple | None = None      # (background key, grid indices, values)
+        self._gain_grid: tuple | None = None      # (background key, grid, halves, levels)
+        self._gain_fits: list = []
         if background is not None:
             self.set_background(background, policy="given")
 
@@ -316,45 +318,55 @@ class FrontEnd:
         return blobs
 
     def _follow_gain(self, image: np.ndarray, fin: np.ndarray) -> None:
-        """Fit frame = gain x background + offset on the illumination grid, leaving out the
-        blobs' boxes (grown by ``roi_margin``), and rescale the background when the fit moves
-        it by more than 1.5 grey levels between its dark and bright samples.
+        """Track the scene's gain: fit frame = gain x background + offset on the illumination
+        grid outside the blobs' boxes (grown by ``roi_margin``), average the fits of the last
+        ``_GAIN_SAMPLES`` calls, and rescale the background when the average moves it by more
+        than 1.5 grey levels between its dark and bright samples.
 
-        Robust and cheap (about 1000 samples): the medians of frame and background over the
-        samples darker and brighter than the background's median give two points of the
-        line. It needs contrast in the background (walls against channel): with less than
-        20 grey levels between the two halves the gain is left alone (the per-frame median
-        offset still applies)."""
+        One frame's fit is not enough: a lamp flickers frame to frame (the per-frame offset
+        takes that out), and a background rescaled to one flickering frame stays wrong. The
+        medians of frame and background over the samples darker and brighter than the
+        background's median give two points of the line (robust to the cells in view). It
+        needs contrast in the background (walls against channel): with less than 20 grey
+        levels between the two halves the gain is left alone."""
         bg = self.bg
         key = (id(bg), bg.updates, bg.rescales)
+        sy, sx = self._step
+        oy, ox = sy // 2, sx // 2
         if self._gain_grid is None or self._gain_grid[0] != key:
-            sy, sx = self._step
-            gy, gx = np.mgrid[sy // 2:bg.shape[0]:sy, sx // 2:bg.shape[1]:sx]
-            flat = (gy * bg.shape[1] + gx).ravel()
-            self._gain_grid = (key, flat, gy.ravel(), gx.ravel(), bg.image.ravel()[flat])
-        _, flat, gy, gx, b = self._gain_grid
+            gy, gx = np.mgrid[oy:bg.shape[0]:sy, ox:bg.shape[1]:sx]
+            flat = gy * bg.shape[1] + gx                  # (rows, cols) of the grid
+            b = bg.image.ravel()[flat]
+            hi = b > np.median(b)
+            lo = ~hi
+            b_lo = float(np.median(b[lo])) if lo.any() else 0.0
+            b_hi = float(np.median(b[hi])) if hi.any() else 0.0
+            self._gain_grid = (key, flat, lo, hi, b_lo, b_hi)
+            self._gain_fits = []
+        _, flat, lo, hi, b_lo, b_hi = self._gain_grid
+        if b_hi - b_lo < 20.0:
+            return
         v = image.ravel()[flat]
         if fin.shape[0]:
-            keep = np.ones(flat.size, np.bool_)
+            keep = np.ones(flat.shape, np.bool_)
             m = self._f.roi_margin
             for x0, y0, x1, y1 in fin[:, K.F_X0:K.F_Y1 + 1].astype(np.int64).tolist():
-                keep &= ~((gx >= x0 - m) & (gx < x1 + m) & (gy >= y0 - m) & (gy < y1 + m))
-            b, v = b[keep], v[keep]
-        if b.size < 100:
-            return
-        mid = np.median(b)
-        lo, hi = b <= mid, b > mid
+                # grid rows/columns inside the box grown by m: slices, not per-sample tests
+                r0, r1 = -((oy - y0 + m) // sy), -((oy - y1 - m) // sy)
+                c0, c1 = -((ox - x0 + m) // sx), -((ox - x1 - m) // sx)
+                keep[max(r0, 0):max(r1, 0), max(c0, 0):max(c1, 0)] = False
+            lo, hi = lo & keep, hi & keep
         if lo.sum() < 20 or hi.sum() < 20:
-            return
-        b_lo, b_hi = float(np.median(b[lo])), float(np.median(b[hi]))
-        if b_hi - b_lo < 20.0:
             return
         v_lo, v_hi = float(np.median(v[lo])), float(np.median(v[hi]))
         gain = (v_hi - v_lo) / (b_hi - b_lo)
-        if not (0.5 < gain < 2.0) or abs(gain - 1.0) * (b_hi - b_lo) <= 1.5:
+        self._gain_fits.append((gain, v_lo - gain * b_lo))
+        if len(self._gain_fits) < _GAIN_SAMPLES:
             return
-        offset = v_lo - gain * b_lo
-        bg.rescale(gain, offset)
+        gain, offset = np.mean(self._gain_fits[-_GAIN_SAMPLES:], axis=0).tolist()
+        del self._gain_fits[:-_GAIN_SAMPLES]
+        if 0.5 < gain < 2.0 and abs(gain - 1.0) * (b_hi - b_lo) > 1.5:
+            bg.rescale(gain, offset)            # a new key: the fits start afresh
 
     def _static(self, fin: np.ndarray) -> np.ndarray:
         """Flags of blobs (finished rows ``fin``) that are debris stuck to the chip, not cells
