@@ -816,6 +816,63 @@ def illumination_offset(img, bgi, step_y, step_x, hist):
     return 0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _hist_median(hist, n):
+    """Median of ``n`` integer samples from their 256-bin histogram, interpolated inside the
+    median's bin (samples spread evenly over [v - 0.5, v + 0.5))."""
+    half = 0.5 * n
+    acc = 0
+    for v in range(256):
+        c = hist[v]
+        if acc + c >= half and c > 0:
+            return v - 0.5 + (half - acc) / c
+        acc += c
+    return 255.0
+
+
+@njit(cache=True, nogil=True)
+def gain_fit(img, bgi, step_y, step_x, boxes, margin, split, hist, out):
+    """The two points of frame = gain x background + offset (``FrontEnd._follow_gain``): over
+    the illumination grid, outside ``boxes`` (n, 4: x0, y0, x1, y1, grown by ``margin``), the
+    medians of background and frame among the samples whose rounded background ``bgi`` is at
+    most ``split`` (dark) and above it (bright). ``hist`` is (4, 256) scratch; ``out``
+    receives (bg dark, bg bright, frame dark, frame bright, n dark, n bright)."""
+    for k in range(4):
+        for v in range(256):
+            hist[k, v] = 0
+    H, W = img.shape
+    nb = boxes.shape[0]
+    n_lo = 0
+    n_hi = 0
+    for y in range(step_y // 2, H, step_y):
+        for x in range(step_x // 2, W, step_x):
+            inside = False
+            for i in range(nb):
+                if (boxes[i, 0] - margin <= x < boxes[i, 2] + margin
+                        and boxes[i, 1] - margin <= y < boxes[i, 3] + margin):
+                    inside = True
+                    break
+            if inside:
+                continue
+            b = min(max(np.int32(bgi[y, x]), 0), 255)
+            if b <= split:
+                hist[0, b] += 1
+                hist[2, img[y, x]] += 1
+                n_lo += 1
+            else:
+                hist[1, b] += 1
+                hist[3, img[y, x]] += 1
+                n_hi += 1
+    out[4] = n_lo
+    out[5] = n_hi
+    if n_lo == 0 or n_hi == 0:
+        return
+    out[0] = _hist_median(hist[0], n_lo)
+    out[1] = _hist_median(hist[1], n_hi)
+    out[2] = _hist_median(hist[2], n_lo)
+    out[3] = _hist_median(hist[3], n_hi)
+
+
 GROW_ROUNDS = 8     # regions grow by the margin at most this often (8 x 6 px: a cell across)
 
 

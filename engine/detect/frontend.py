@@ -98,8 +98,10 @@ class FrontEnd:
         self._area_buf = np.zeros(256)            # the last 256 blob areas (typical cell size)
         self._n_areas = 0
         self._typical = 0.0
-        self._gain_grid: tuple | None = None      # (background key, grid, halves, levels)
+        self._gain_split: tuple | None = None     # (background key, dark/bright split level)
         self._gain_fits: list = []
+        self._gain_hist = np.zeros((4, 256), np.int64)
+        self._gain_out = np.zeros(6)
         if background is not None:
             self.set_background(background, policy="given")
 
@@ -332,39 +334,25 @@ class FrontEnd:
         bg = self.bg
         key = (id(bg), bg.updates, bg.rescales)
         sy, sx = self._step
-        oy, ox = sy // 2, sx // 2
-        if self._gain_grid is None or self._gain_grid[0] != key:
-            gy, gx = np.mgrid[oy:bg.shape[0]:sy, ox:bg.shape[1]:sx]
-            flat = gy * bg.shape[1] + gx                  # (rows, cols) of the grid
-            b = bg.image.ravel()[flat]
-            hi = b > np.median(b)
-            lo = ~hi
-            b_lo = float(np.median(b[lo])) if lo.any() else 0.0
-            b_hi = float(np.median(b[hi])) if hi.any() else 0.0
-            self._gain_grid = (key, flat, lo, hi, b_lo, b_hi)
+        if self._gain_split is None or self._gain_split[0] != key:
+            # dark and bright halves: split at the background's median on the grid
+            grid = bg.rounded[sy // 2::sy, sx // 2::sx]
+            self._gain_split = (key, int(np.median(grid)))
             self._gain_fits = []
-        _, flat, lo, hi, b_lo, b_hi = self._gain_grid
-        if b_hi - b_lo < 20.0:
+        boxes = np.ascontiguousarray(fin[:, K.F_X0:K.F_Y1 + 1], np.int64)
+        out = self._gain_out
+        K.gain_fit(image, bg.rounded, sy, sx, boxes, self._f.roi_margin,
+                   self._gain_split[1], self._gain_hist, out)
+        b_lo, b_hi, v_lo, v_hi = out[:4].tolist()
+        if out[4] < 20 or out[5] < 20 or b_hi - b_lo < 20.0:
             return
-        v = image.ravel()[flat]
-        if fin.shape[0]:
-            keep = np.ones(flat.shape, np.bool_)
-            m = self._f.roi_margin
-            for x0, y0, x1, y1 in fin[:, K.F_X0:K.F_Y1 + 1].astype(np.int64).tolist():
-                # grid rows/columns inside the box grown by m: slices, not per-sample tests
-                r0, r1 = -((oy - y0 + m) // sy), -((oy - y1 - m) // sy)
-                c0, c1 = -((ox - x0 + m) // sx), -((ox - x1 - m) // sx)
-                keep[max(r0, 0):max(r1, 0), max(c0, 0):max(c1, 0)] = False
-            lo, hi = lo & keep, hi & keep
-        if lo.sum() < 20 or hi.sum() < 20:
-            return
-        v_lo, v_hi = float(np.median(v[lo])), float(np.median(v[hi]))
         gain = (v_hi - v_lo) / (b_hi - b_lo)
         self._gain_fits.append((gain, v_lo - gain * b_lo))
         if len(self._gain_fits) < _GAIN_SAMPLES:
             return
-        gain, offset = np.mean(self._gain_fits[-_GAIN_SAMPLES:], axis=0).tolist()
         del self._gain_fits[:-_GAIN_SAMPLES]
+        gain = sum(g for g, _ in self._gain_fits) / _GAIN_SAMPLES
+        offset = sum(o for _, o in self._gain_fits) / _GAIN_SAMPLES
         if 0.5 < gain < 2.0 and abs(gain - 1.0) * (b_hi - b_lo) > 1.5:
             bg.rescale(gain, offset)            # a new key: the fits start afresh
 
