@@ -114,9 +114,10 @@ def run_look(name: str, seed: int) -> dict:
     clips, per_frame = [], []
     for i in range(len(frames)):
         num = int(truth.frame_numbers[i])
-        blobs = fe.process(Frame(num, num * 2_000_000, frames[i]))
+        frame = Frame(num, num * 2_000_000, frames[i])
+        blobs = fe.process(frame)
         per_frame.append(blobs)
-        clips += linker.next_level(Frame(num, num * 2_000_000, frames[i]), blobs)
+        clips += linker.next_level(frame, blobs)
     clips += linker.flush()
     seconds = time.perf_counter() - t0
     cells, covered, switches, owners = score_clips(truth, clips)

@@ -94,8 +94,8 @@ class FrontEndConfig:
     roi_margin: int = opt(6, lo=0, help="region grown around each seed blob [px]")
     polarity: Literal["both", "dark", "bright"] = opt(
         "both", help="foreground is |frame - bg| > T (both), frame - bg < -T (dark) or > T (bright)")
-    static_frames: int = opt(10, lo=0, help="blobs that stay put (<= 1 px) this many frames are "
-                             "stuck debris and dropped (0: keep all)")
+    static_frames: int = opt(10, lo=0, help="blobs that stay within 1 px of one place this many "
+                             "frames are stuck debris and dropped (0: keep all)")
     fill_holes: bool = opt(False, help="fill holes in blobs (a cell centre as bright as the "
                            "background), as dclab's masks")
     split_area_factor: float = opt(1.5, lo=0, help="blobs above this x the typical blob area "

@@ -249,6 +249,28 @@ def test_split_cell_is_rejoined_but_neighbours_are_not():
     assert fe.stats["rejoined"] == 1
 
 
+def test_rejoin_gap_grows_with_the_typical_cell():
+    """The outline of a large cell (45 px) can break into two arcs 13 px apart: beyond the
+    configured 10 px re-join gap, within a third of the typical cell's diameter."""
+    cfg = load_config(overrides=["frontend.static_frames=0", "frontend.illumination=false"])
+    H, W = 100, 200
+    bg = np.full((H, W), 150, np.uint8)
+    yy, xx = np.mgrid[:H, :W]
+    r = np.hypot(xx - 100, yy - 50)
+    fe = FrontEnd(cfg, background=bg)
+    whole = bg.copy()
+    whole[r <= 22] = 120
+    for i in range(20):                          # the typical cell: 45 px across
+        assert len(fe.process(Frame(i, 0, whole))) == 1
+    split = bg.copy()
+    split[(r >= 19) & (r <= 22) & (np.abs(yy - 50) > 6)] = 120     # top and bottom arcs
+    blobs = fe.process(Frame(20, 0, split))
+    assert len(blobs) == 1, [(b.bbox, b.area) for b in blobs]
+    assert abs(blobs[0].cy - 50) < 0.5
+    small = FrontEnd(cfg, background=bg)         # no typical cell yet: the 10 px gap holds
+    assert len(small.process(Frame(0, 0, split))) == 2
+
+
 def test_touching_cells_are_cut_at_the_neck():
     cfg = load_config(overrides=["frontend.static_frames=0"])
     H, W = 100, 300

@@ -14,12 +14,14 @@ Per frame (:meth:`FrontEnd.process`)
    seeded on one side only is still found whole.
 3. Split cells are re-joined (report §3.6.1; :func:`engine.detect._kernels.rejoin`), blobs
    outside ``[min_area, max_area]`` dropped.
-4. Blobs that have not moved (<= 1 px) for ``static_frames`` frames are debris stuck to the
+4. Blobs that stayed within 1 px of one place for ``static_frames`` frames are debris stuck to the
    chip, not cells in the flow: they are dropped (counted) and not masked from the background
    update, so they fade into it.
 5. Every ``stride = bg_update_frames / 16`` frames the frame is folded into a running mean
    outside the moving blobs' boxes (time constant ``bg_update_frames``), which becomes the
    active background every ``bg_update_frames / 4`` frames (:mod:`engine.detect.background`).
+   Every ``gain_every`` frames frame = gain x background + offset is fitted outside the blobs;
+   the mean of 8 fits rescales the background when a lamp has dimmed or brightened.
 
 Only the regions around seeds are smoothed, so the cost is one pass over the frame plus work
 proportional to the cells in view.
@@ -363,7 +365,8 @@ class FrontEnd:
         A blob that has not moved (within 1 px of where it was ``static_frames`` frames ago,
         area within 25 %) for ``static_frames`` consecutive frames becomes a *static site*;
         later blobs at a site (<= 1.5 px, area within 25 %) are flagged at once, so debris
-        that flickers in and out of the threshold stays suppressed. Sites unseen for 50 * ``static_frames`` frames expire.
+        that flickers in and out of the threshold stays suppressed. Sites unseen for
+        50 * ``static_frames`` frames expire.
         """
         n = fin.shape[0]
         now = self.stats["frames"]
