@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb_max": round(max(r["rss_mb"] for r in rows), 1) if rows else None,
         "rss_slope_mb_per_min": round(_slope(rows, args.warmup, "rss_mb"), 2),
         "drops_timeline": _drops(m),
+        "workers_joined": m.get("dispatcher", {}).get("workers_joined"),
         "latency": lat, "samples": rows,
     }
     OUT.mkdir(parents=True, exist_ok=True)

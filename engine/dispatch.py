@@ -44,12 +44,14 @@ from .errors import ConfigError, DeliveryError, WireError
 from .types import CellClip, Prediction, TrackStatus
 
 __all__ = ["Dispatcher", "spawn_workers", "stop_workers", "WorkerProcesses", "make_keys",
-           "curve_server_keys", "curve_client_keys", "is_local_host"]
+           "curve_server_keys", "curve_client_keys", "is_local_host", "usable_cpus",
+           "worker_threads"]
 
 log = logging.getLogger(__name__)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_CREDIT = 1024               # a worker cannot claim more than this (bounds a rogue peer)
+MAX_JOINED = 64                 # workers remembered for the manifest (bounds a flapping peer)
 
 
 def is_local_host(host: str) -> bool:
@@ -214,6 +216,7 @@ class Dispatcher:
                             duplicates_dropped=0, workers_dead=0, workers_seen=0, malformed=0,
                             unanswered=0, callback_errors=0, max_queue=0)
         self._workers: dict[bytes, _Worker] = {}
+        self._joined: list[dict] = []        # who joined, with what backend (first MAX_JOINED)
         self._dead_idents: set[bytes] = set()
         self._closing = False
         self._deadline: float | None = None
@@ -263,6 +266,13 @@ class Dispatcher:
             c["workers"] = len(self._workers)
             c["outstanding"] = len(self._entries)
         return c
+
+    @property
+    def joined(self) -> list[dict]:
+        """The workers that joined (first ``MAX_JOINED``): worker, pid, backend, device,
+        model_id, as each said in its hello (strings, cut to 120 characters)."""
+        with self._lock:
+            return [dict(j) for j in self._joined]
 
     def worker_info(self) -> list[dict]:
         """A snapshot of the live workers: name, model id, credit, clips held, answered."""
@@ -574,7 +584,12 @@ class Dispatcher:
                             name=h.get("worker", ""))
                 self._workers[ident] = w
                 self._counts["workers_seen"] += 1
-                log.info("worker %s joined (model %s)", w.name, w.model_id)
+                with self._lock:
+                    if len(self._joined) < MAX_JOINED:
+                        self._joined.append({k: str(h.get(k, ""))[:120] for k in
+                                             ("worker", "pid", "backend", "device", "model_id")})
+                log.info("worker %s joined (model %s, backend %s on %s)", w.name, w.model_id,
+                         h.get("backend", "?"), h.get("device", "?"))
             w.credit = min(h["credits"], MAX_CREDIT)
             w.last_seen = now
             return
@@ -755,6 +770,23 @@ class WorkerProcesses(list):
         return stop_workers(self, timeout)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (``taskset``, a container's
+    cpuset), not every CPU of the machine as ``os.cpu_count()`` says. Sizing thread pools by
+    the machine oversubscribes a pinned run: ONNX Runtime with 15 threads on 2 allowed cores
+    dropped 460 of 15,000 frames in a 500 fps replay (bench/RESULTS.md, GPU machine)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):          # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_threads(n_workers: int, reserve: int = 0) -> int:
+    """ONNX Runtime threads for each of ``n_workers`` local workers: the usable CPUs less
+    ``reserve`` (left to the front end), shared out; at least 1."""
+    return max(1, (usable_cpus() - reserve) // max(1, n_workers))
+
+
 def spawn_workers(model_path: str | os.PathLike, endpoint: str, n: int, *,
                   config: str | None = None, overrides: Sequence[str] = (),
                   backend: str | None = None, threads: int | None = None,
@@ -763,11 +795,11 @@ def spawn_workers(model_path: str | os.PathLike, endpoint: str, n: int, *,
     """Start ``n`` local ``fmh serve`` processes connected to ``endpoint``.
 
     Each worker gets ``--parent-pid`` so it leaves if this process dies, and (by default)
-    ``cpu_count // n`` ONNX Runtime threads so that workers do not oversubscribe the CPU.
+    ``usable_cpus() // n`` ONNX Runtime threads so that workers do not oversubscribe the CPU.
     """
     procs = WorkerProcesses()
     if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // max(1, n))
+        threads = worker_threads(n)
     for _ in range(n):
         cmd = [sys.executable, "-m", "engine", "serve", "--model", str(model_path),
                "--connect", endpoint, "--parent-pid", str(os.getpid()),

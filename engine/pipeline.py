@@ -506,7 +506,7 @@ def run_pipeline(cfg: Config, opts: RunOptions,
                                            {"source": opts.source, "config": cfg.to_dict(),
                                             "donor": opts.donor, "label": opts.label})
         if opts.classify:
-            from .dispatch import Dispatcher, spawn_workers
+            from .dispatch import Dispatcher, spawn_workers, worker_threads
 
             def on_prediction(pred: Prediction) -> None:
                 files.add_prediction(pred, lat.answered(pred, dispatcher.timings))
@@ -519,7 +519,7 @@ def run_pipeline(cfg: Config, opts: RunOptions,
                          for k, v in cfg.to_dict()[sec].items()]
             # Local workers leave one core to the front end; serving.worker_nice > 0 also runs
             # them at a lower priority (acquisition before latency on a busy machine).
-            threads = max(1, ((os.cpu_count() or 2) - 1) // max(1, opts.workers))
+            threads = worker_threads(opts.workers, reserve=1)
             workers = spawn_workers(str(artefact.path), dispatcher.endpoint, opts.workers,
                                     overrides=overrides, threads=threads)
             if cfg.serving.worker_nice:
@@ -680,6 +680,7 @@ def _shut_down(status, error, stop, files, clip_store, dispatcher, workers, ring
             status, error = "failed", error or str(exc)
         finally:
             disp_counts = dict(dispatcher.counts)
+            disp_counts["workers_joined"] = dispatcher.joined
             from .dispatch import stop_workers
             stop_workers(workers)
             spill = dispatcher.spill_dir

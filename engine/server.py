@@ -192,7 +192,8 @@ class InferenceWorker:
     def _hello(self, credits: int) -> None:
         self._send(wire.encode("hello", self._run_id, model_id=self.artefact.model_id,
                                max_batch=self.max_batch, credits=max(0, credits),
-                               worker=self.name, pid=os.getpid(), backend=self.backend.name))
+                               worker=self.name, pid=os.getpid(), backend=self.backend.name,
+                               device=" ".join(map(str, self.backend.providers))))
 
     def _recv_one(self, batcher) -> str:
         try:

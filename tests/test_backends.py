@@ -115,10 +115,34 @@ def test_torch_backend_runs_the_checkpoint_beside_the_artefact(tmp_path):
         x = preprocess([make_clip(i, frames=20, size=32) for i in range(3)], art.meta)
         with torch.inference_mode():
             ref = model(torch.from_numpy(x)).numpy()
-        tb = make_backend(art, "torch", max_batch=2)           # 2 + 1
+        tb = make_backend(art, "torch", max_batch=2, device="cpu")           # 2 + 1
         assert tb.name == "torch" and tb.providers[1] == "cpu"
         np.testing.assert_allclose(tb.infer(x), ref, rtol=1e-4, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(ModelError, match="no checkpoint"):
         make_backend(art, "torch", checkpoint=str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_cuda_matches_onnxruntime_on_the_cpu(tmp_path):
+    """The engine's torch backend on a GPU (``auto`` picks CUDA) against ORT on the CPU, run
+    by ``fmh serve`` as any backend is: same artefact, same preprocessed batch."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False)")
+    from export import slowfast_r18
+    from export.checkpoints import Checkpoint, save_checkpoint
+    from export.slowfast import randomise_
+    from export.to_onnx import export_onnx
+    model = randomise_(slowfast_r18(width=8, frames=8, alpha=4, crop=32), seed=5).eval()
+    ckpt = Checkpoint.from_model(model, trained_on="unit test")
+    save_checkpoint(tmp_path / "sf.pt", ckpt)
+    export_onnx(ckpt, tmp_path / "sf.onnx")
+    art = ModelArtefact.load(tmp_path / "sf.onnx")
+    x = preprocess([make_clip(i, frames=20, size=32) for i in range(5)], art.meta)
+    want = make_backend(art, "onnxruntime-cpu", max_batch=8).infer(x)
+    tb = make_backend(art, "torch", max_batch=4)                          # 4 + 1
+    assert tb.providers[1] == "cuda", tb.providers
+    got = tb.infer(x)
+    assert np.abs(got - want).max() <= 1e-3, np.abs(got - want).max()

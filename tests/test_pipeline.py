@@ -194,6 +194,9 @@ def test_run_gives_every_cell_exactly_one_prediction(seq, tmp_path, capsys):
     m, cells, _ = _read(out)
     c = _consistent(out, N_FRAMES)
     assert m["status"] == "complete" and m["model"]["model_id"].startswith("tiny")
+    joined = m["dispatcher"]["workers_joined"]          # which backend ran, on what device
+    assert len(joined) == 2 and {j["backend"] for j in joined} == {"onnxruntime"}
+    assert all("CPUExecutionProvider" in j["device"] and int(j["pid"]) > 0 for j in joined)
     assert c["clips_sent"] == c["cells_tracked"] == c["predictions"] + c["errors"]
     assert c["errors"] == 0 and c["predictions"] > 15
     preds = [json.loads(s) for s in (out / "predictions.jsonl").read_text().splitlines()]

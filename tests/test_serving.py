@@ -218,3 +218,16 @@ def test_fmh_serve_leaves_cleanly_on_sigterm(model, tmp_path):
     finally:
         d.close(timeout=1)
         stop_workers(procs)
+
+
+def test_worker_threads_follow_the_affinity_mask_not_the_machine(monkeypatch):
+    """A run pinned to 2 of 16 CPUs (taskset, a container's cpuset) must not give its
+    workers 15 ONNX Runtime threads."""
+    from engine import dispatch
+    monkeypatch.setattr(dispatch.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(dispatch.os, "sched_getaffinity", lambda pid: {4, 5}, raising=False)
+    assert dispatch.usable_cpus() == 2
+    assert dispatch.worker_threads(1, reserve=1) == 1
+    assert dispatch.worker_threads(1) == 2 and dispatch.worker_threads(3) == 1
+    monkeypatch.setattr(dispatch.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert dispatch.worker_threads(2, reserve=1) == 7
