@@ -23,8 +23,11 @@ from engine.types import Frame
 from .conftest import DATA
 
 import h5py
-import hdf5plugin  # noqa: F401  (the .rtdc images are zstd-compressed)
-import hdf5plugin  # noqa: E402,F401  (registers the HDF5 compression filters)
+
+# The .rtdc images are Zstandard-compressed; hdf5plugin registers the filter. It is a
+# dependency of fmh-engine (setup.py), so this skips only where the package was not installed
+# (the GPU machine's image, where bench/gpu_check.sh runs the GPU tests from a bare checkout).
+hdf5plugin = pytest.importorskip("hdf5plugin", reason="needs hdf5plugin (pip install -e .)")
 
 SETS = [("rtdc_rbc_cytoshot40", "cytoshot-test-data.rtdc"),
         ("rtdc_rbc_thresh13", "dcnum_thresh_example.rtdc")]
