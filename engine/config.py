@@ -78,9 +78,9 @@ class RingConfig:
 class FrontEndConfig:
     bg_frames: int = opt(100, lo=3, help="frames sampled for the median background")
     bg_sigma: float = opt(4.0, lo=0, help="Gaussian blur of frames and median in the report's method (reference) [px]")
-    bg_update_frames: int = opt(2000, lo=0,
+    bg_update_frames: int = opt(250, lo=0,
                                 help="time constant of the running background [frames]; it is "
-                                "sampled every 1/16 and refreshed every 1/4 of it (0: never)")
+                                "sampled every 1/32 and made active every 1/2 of it (0: never)")
     threshold: float = opt(2.0, lo=0, help="report's T: |blur(frame) - bg| > T, blur bg_sigma "
                             "(the reference method) [grey levels]")
     fg_threshold: float = opt(6.0, lo=0, help="front end's low threshold |frame - bg| > T on frames "

@@ -956,10 +956,15 @@ def _hold_sample(frames_iter, cfg: Config) -> tuple[list[Frame], list[Frame]]:
     return held, (held[::stride] if len(held) >= 3 * stride else held)
 
 
+REPRIME_MIN_GAP = 500          # frames (1 s at 500 fps)
+
+
 def _reprime_after_gaps(frames_iter, frontend, cfg: Config, stop: _Stop,
                         elastic: _Elastic | None, info: dict):
     """The frames, with the background built afresh after every gap of at least
-    ``bg_update_frames // 4`` frames (one commit period of the running background).
+    ``bg_update_frames // 4`` frames and at least ``REPRIME_MIN_GAP`` (a shorter gap is not
+    worth holding 4 * bg_frames frames for: the running mean catches up with it within its
+    time constant).
 
     A live run that stalls loses frames (drop-oldest), and the scene drifts meanwhile (focus,
     illumination); the running background follows drift only at the pace of the frames it
@@ -971,7 +976,8 @@ def _reprime_after_gaps(frames_iter, frontend, cfg: Config, stop: _Stop,
     ``4 * bg_frames``) and only then are they processed. Off when ``bg_update_frames`` is 0
     (the background is fixed). ``info`` counts the rebuilds and the largest gap [frames].
     """
-    min_gap = cfg.frontend.bg_update_frames // 4
+    tau = cfg.frontend.bg_update_frames
+    min_gap = max(tau // 4, REPRIME_MIN_GAP) if tau > 0 else 0
     last = None
     it = iter(frames_iter)
     for frame in it:

@@ -178,6 +178,56 @@ def test_smoothing_follows_the_measured_noise(overrides, sigma):
     assert (len(fe.kernel) > 1) == (sigma > 0)
 
 
+def _focused(sigma: float) -> np.ndarray:
+    """A narrow bright channel between dark walls, its edges blurred by ``sigma`` [px]."""
+    from scipy.ndimage import gaussian_filter
+    bg = np.full((100, 600), 60.0)
+    bg[38:62, :] = 150.0
+    return gaussian_filter(bg, sigma)
+
+
+def test_background_follows_a_focus_change():
+    """Focus drifts (edge blur 0.9 -> 1.9 px, as the simulator's focus drift does over a long
+    sequence): the walls' edges now differ from the background by up to 17 grey levels and
+    read as blobs along the walls. A cell in the narrow channel touches them and becomes one
+    channel-long blob (seen in 10,000-frame replays, where tracks then fell apart). The
+    running mean must take the change in: within 700 frames the cell is found alone and
+    whole again (with the former 2000-frame time constant, or 1000, it was not after 1000)."""
+    cfg = load_config()
+    rng = np.random.default_rng(0)
+    sharp, soft = _focused(0.9), _focused(1.9)
+    fe = FrontEnd(cfg)
+    fe.prime([np.clip(sharp + rng.normal(0, 1.5, sharp.shape), 0, 255).astype(np.uint8)
+              for _ in range(100)])
+    yy, xx = np.mgrid[0:100, 0:600]
+    wrong = []
+    for i in range(1000):
+        img = soft + rng.normal(0, 1.5, soft.shape)
+        cell = np.hypot((yy - 50) / 0.9, xx - (20 + (4 * i) % 560)) < 11
+        img[cell] -= 45.0
+        blobs = fe.process(Frame(i, i * 2_000_000,
+                                 np.clip(img, 0, 255).round().astype(np.uint8)))
+        if len(blobs) != 1 or abs(blobs[0].area - cell.sum()) > 0.2 * cell.sum():
+            wrong.append(i)
+    assert wrong and wrong[0] == 0                      # the change was seen at first
+    assert wrong[-1] < 700, (len(wrong), wrong[-5:])
+    assert np.abs(fe.background - soft).max() < 6.0
+
+
+def test_running_mean_leaves_the_boxes_out():
+    """Background.observe folds a frame into the running mean except inside the blob boxes
+    grown by the margin (the vectorised fold saves and restores them)."""
+    from engine.detect.background import Background, gaussian_kernel_int
+    bg = Background(np.full((20, 30), 100.0), 12.0, gaussian_kernel_int(0.0))
+    frame = np.full((20, 30), 140, np.uint8)
+    boxes = np.array([[10, 5, 20, 15], [15, 8, 25, 12]])      # overlapping
+    bg.observe(frame, boxes, 0.5, 1)
+    bg.commit()
+    covered = np.zeros((20, 30), bool)
+    covered[4:16, 9:21] = covered[7:13, 14:26] = True
+    assert np.all(bg.image[covered] == 100.0) and np.all(bg.image[~covered] == 120.0)
+
+
 @pytest.mark.parametrize("gain_every", [4, 0])
 def test_background_follows_a_lamp_that_dims(gain_every):
     """A lamp 10 % dimmer scales the image: the channel (150) drops by 15 grey levels, the
