@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{ms(lat.get('compute_ms', {}), 'p99')}"),
         ("  track close p50 / p99 [ms]", f"{ms(lat.get('track_ms', {}), 'p50')} / "
                                          f"{ms(lat.get('track_ms', {}), 'p99')}"),
-        ("cells in / out of warm-up", f"{t.get('n', 0)} / {lat.get('n_warmup', '-')}"),
+        ("cells counted / warm-up / end of stream",
+         f"{t.get('n', 0)} / {lat.get('n_warmup', '-')} / {lat.get('n_end_of_stream', '-')}"),
+        ("live from frame", lat.get("live_from_frame", "-")),
         ("wall time [s]", f"{wall:.1f}"),
         ("load average before / after", f"{load0[0]:.1f} / {result['load_average_after'][0]:.1f}"),
     ]:

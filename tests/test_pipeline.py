@@ -211,7 +211,10 @@ def test_run_gives_every_cell_exactly_one_prediction(seq, tmp_path, capsys):
         assert p["compute_ms"] >= 0 and p["queue_ms"] >= 0
     lat = m["latency"]
     assert lat["n_cells"] == c["cells_tracked"]
-    assert lat["total_ms"]["n"] + lat["n_warmup"] == lat["n_cells"]
+    assert lat["live_from_frame"] is None     # an unpaced replay never runs in real time
+    assert lat["total_ms"]["n"] + lat["n_warmup"] + lat["n_end_of_stream"] == lat["n_cells"]
+    eos = set(cells.loc[cells["reason"].str.contains("end of stream"), "cell_id"])
+    assert lat["n_end_of_stream"] == len(eos)
     assert lat["total_ms"]["p50"] <= lat["total_ms"]["p99"] <= lat["total_ms"]["max"]
     assert (out / "report.md").exists()
     printed = capsys.readouterr().out
@@ -253,6 +256,9 @@ def test_demo_runs_the_live_chip_through_the_model(seq, tmp_path, capsys):
                 "--out", str(out), "--quiet", "--workers", "1"]) == 0
     m, _, _ = _read(out)
     assert m["source"]["live"] is True and m["counts"]["frames_read"] == 600
+    # primed on the first 400 frames, the loop then catches up with the live chip
+    assert m["latency"]["live_from_frame"] is not None
+    assert 400 <= m["latency"]["live_from_frame"] < 600
     assert m["counts"]["clips_sent"] == m["counts"]["predictions"] + m["counts"]["errors"]
     printed = capsys.readouterr().out
     assert "report.md" in printed and str(out) in printed
@@ -268,6 +274,14 @@ def test_latency_summary_leaves_out_the_warm_up():
     assert s["compute_ms"]["p99"] == 2.0
     never = latency_summary(recs, t_warm=None, t_first_pred=1.0)
     assert never["n_warmup"] == 1
+    # a live run: the frame loop caught up with the source only at t = 10 (priming backlog)
+    live = latency_summary(recs, t_warm=3.0, t_first_pred=1.0, t_live=10.0)
+    assert live["n_warmup"] == 10 and live["total_ms"]["n"] == 93
+    assert latency_summary(recs, t_warm=3.0, t_first_pred=1.0, t_live=0.5)["n_warmup"] == 3
+    # cells flushed at the end of the stream never left the channel: counted apart
+    eos = latency_summary(recs, t_warm=3.0, t_first_pred=1.0, end_of_stream={101, 102})
+    assert eos["n_end_of_stream"] == 2 and eos["n_warmup"] == 3
+    assert eos["total_ms"]["max"] == 100.0 and eos["total_ms"]["n"] == 98
 
 
 @pytest.mark.parametrize("argv, names", [
