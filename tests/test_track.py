@@ -492,6 +492,26 @@ def test_cell_leaving_on_the_right_closes_at_the_first_missing_frame(cfg):
     assert clips[0].frame_indices[-1] == last
 
 
+def test_a_sliver_too_small_to_be_seen_again_ends_the_track_at_once(cfg):
+    """The front end loses a cell at the right edge while a sliver of it is still in view
+    (its rim falls under the threshold). Once the sliver predicted for the next frame is
+    under twice the smallest blob, the track ends at the first missing frame rather than
+    2-4 frames later (time that counts in the latency from exit to prediction)."""
+    g = geometry()
+    min_area = cfg.frontend.min_area
+    per_frame = simulate(g, [entering(0, 0, 75.0)], 400)
+    edge = [f for f, blobs in enumerate(per_frame) if blobs and blobs[0].bbox[2] >= g.width]
+    # the last frame whose blob leaves a next-frame sliver in [min_area, 2 min_area)
+    k = max(f for f in edge[:-1] if min_area <= per_frame[f + 1][0].area < 2 * min_area)
+    for f in range(k + 1, len(per_frame)):
+        per_frame[f] = []                              # the front end sees no more of it
+    linker = Linker(cfg, g)
+    img = np.zeros((g.height, g.width), np.uint8)
+    closed = [f for f, blobs in enumerate(per_frame)
+              if linker.next_level(Frame(f, 1000 * f, img), blobs)]
+    assert closed == [k + 1], (closed, k)           # with min_area alone: k + 3
+
+
 # --------------------------------------------------------------------------------------------
 # the kernel linker against the plain-Python reference
 # --------------------------------------------------------------------------------------------

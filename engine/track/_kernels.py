@@ -230,10 +230,15 @@ def record(ts, i, fi, t_ns, image, cx, cy, b0, b1, b2, b3, area, B, j, seen, P, 
     return row
 
 
+#: A cell leaving on the right that is missed is gone once the part of it predicted to be still
+#: in view is under EDGE_FACTOR x frontend.min_area (engine.track.linker_py.PyLinker._gone_right).
+EDGE_FACTOR = 2.0
+
+
 @njit(cache=True, nogil=True)
 def _gone_right(ts, i, px, P):
     """Linker._gone_right: a track last seen at the right edge whose predicted visible part
-    is smaller than the smallest blob."""
+    is under ``EDGE_FACTOR`` times the smallest blob."""
     W = P[P_W]
     x0 = ts[i, T_BX0]
     y0 = ts[i, T_BY0]
@@ -244,7 +249,7 @@ def _gone_right(ts, i, px, P):
     box_area = max((x1 - x0) * (y1 - y0), 1.0)
     fill = min(ts[i, T_AREA] / box_area, 1.0)
     left = x0 + (px - ts[i, T_X])
-    return fill * (W - left) * (y1 - y0) < P[P_MINAREA]
+    return fill * (W - left) * (y1 - y0) < EDGE_FACTOR * P[P_MINAREA]
 
 
 @njit(cache=True, nogil=True)
