@@ -194,13 +194,15 @@ class Background:
             self.hi_w = np.empty(shape, np.int16)
             self.rounded = np.empty(shape, np.int16)
             self.smooth_scaled = np.empty(shape, np.int64)
-            self._sm64 = None if one_tap else np.empty(shape, np.float64)
+            self._sm64: np.ndarray | None = None
         smooth = self.smooth_scaled if one_tap else np.empty((0, 0), np.int64)
         _tables(self.image, self.seed_threshold, self.threshold,
                 {"dark": 1, "bright": 2}.get(self.polarity, 0), self.lo, self.hi, self.lo_w,
                 self.hi_w, self.rounded, smooth)
         if not one_tap:                            # scaled by K*K = 1 above
             import cv2
+            if self._sm64 is None:
+                self._sm64 = np.empty(shape, np.float64)
             k = self.kernel.astype(np.float64)
             cv2.sepFilter2D(self.image.astype(np.float64), cv2.CV_64F, k, k, dst=self._sm64,
                             borderType=cv2.BORDER_REPLICATE)
