@@ -49,8 +49,9 @@ _OFF = 1 << 62      # a threshold no difference reaches: switches one polarity o
 _GAIN_SAMPLES = 8   # gain fits averaged before the background is rescaled (_follow_gain)
 #: Samples folded into the running background per time constant (``bg_update_frames``), and
 #: commits of it as the active background per time constant. More samples keep crowds of
-#: cells from stirring a short time constant (30 cells/s, seed 201: 0.898 -> 0.917 of cells
-#: covered with 16 -> 32); each fold costs 12-30 us, each commit about 170 (500 smoothed).
+#: cells from stirring a short time constant (30 cells/s, seed 201, cells covered: 16 folds
+#: 0.907 with 3 identity switches, 32 folds 0.935 with none); each fold costs 12-30 us (about
+#: 40 in the frame loop), each commit about 170 (500 smoothed).
 BG_FOLDS = 32
 BG_COMMITS = 2
 
