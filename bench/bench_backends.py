@@ -1,8 +1,11 @@
 """Inference backends on the same SlowFast graphs: clips/s and latency at batch 1 and 8.
 
 Backends: PyTorch eager (CPU), ONNX Runtime (CPU) on the exported graph (3D convolutions as
-2D ones, ``fmh export``'s default) and on the graph with native 3D convolutions
-(``--conv3d none``, row ``onnxruntime-cpu-3d``), and where present PyTorch CUDA (eager fp32,
+2D ones, ``fmh export``'s default), on the graph with native 3D convolutions (``--conv3d
+none``, row ``onnxruntime-cpu-3d``), on the whole network written on frames (``--conv3d
+frames``, row ``onnxruntime-cpu-frames``) and on its INT8 quantization (``fmh export
+--int8-onnx``, row ``onnxruntime-cpu-int8``; calibrated on 16 reference clips, and with
+random weights its probabilities are not checked: the row is for speed only), and where present PyTorch CUDA (eager fp32,
 eager fp16 autocast, and a captured CUDA graph in fp32 and fp16) and TensorRT (FP16). Models: the demo-size R18 (width 16), a full-width R18 and an R50, at 64 x 64
 grey with 32 frames; ``--r50-224`` adds R50 at 224 x 224 (slow on a CPU: few iterations).
 Weights are random (speed does not depend on them). CPU backends use the same thread count
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     import export
     from export.checkpoints import Checkpoint
     from export.slowfast import flops_per_clip, randomise_
-    from export.to_onnx import export_onnx
+    from export.quantize import quantize_int8
+    from export.to_onnx import export_onnx, reference_clips
 
     torch.set_num_threads(args.threads)
     models = list(args.models) + (["r50-224"] if args.r50_224 and "r50-224" not in args.models
@@ -112,10 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         onnx_path = tmp / f"{name}.onnx"
         need_onnx = not args.no_cpu or trt_ok
         onnx_3d = tmp / f"{name}.conv3d.onnx"
+        onnx_frames = tmp / f"{name}.frames.onnx"
+        onnx_int8 = tmp / f"{name}.int8.onnx"
         if need_onnx:
             export_onnx(ckpt, onnx_path, check_batches=(1,), tolerance=1e-3)
             if not args.no_cpu:
                 export_onnx(ckpt, onnx_3d, check_batches=(1,), tolerance=1e-3, conv3d="none")
+                export_onnx(ckpt, onnx_frames, check_batches=(1,), tolerance=1e-3,
+                            conv3d="frames")
+                q = quantize_int8(ckpt, onnx_int8, reference_clips(model.config, n=16),
+                                  prob_tolerance=1.0)
+                print(f"{name} INT8 vs fp32 (random weights): max |dp| {q.max_prob_diff:.3f}")
         heavy = spec["crop"] >= 224 or "r50" in name
         iters = max(2, args.iters // 3) if heavy and spec["crop"] >= 224 else args.iters
         warm = 1 if spec["crop"] >= 224 else args.warmup
@@ -123,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         so.intra_op_num_threads = args.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = (ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-                if need_onnx else None)
-        sess_3d = (ort.InferenceSession(str(onnx_3d), so, providers=["CPUExecutionProvider"])
-                   if need_onnx and not args.no_cpu else None)
+        cpu_sessions = {
+            f"onnxruntime-cpu{tag}": ort.InferenceSession(str(p), so,
+                                                           providers=["CPUExecutionProvider"])
+            for tag, p in (("", onnx_path), ("-3d", onnx_3d), ("-frames", onnx_frames),
+                           ("-int8", onnx_int8))} if need_onnx and not args.no_cpu else {}
         for b in args.batches:
             x = np.random.default_rng(0).standard_normal(
                 (b, *model.config.input_shape)).astype(np.float32)
@@ -138,13 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                         model(xt)
                 rows.append(_row(name, "torch-cpu", b, _time(torch_cpu, warm, iters), flops,
                                  cpu_name))
-                rows.append(_row(name, "onnxruntime-cpu", b,
-                                 _time(lambda: sess.run(None, {"clip": x}), warm, iters), flops,
-                                 cpu_name))
-                rows.append(_row(name, "onnxruntime-cpu-3d", b,
-                                 _time(lambda: sess_3d.run(None, {"clip": x}), warm, iters),
-                                 flops, cpu_name))
-                for r in rows[-3:]:
+                for backend, s in cpu_sessions.items():
+                    rows.append(_row(name, backend, b,
+                                     _time(lambda s=s: s.run(None, {"clip": x}), warm, iters),
+                                     flops, cpu_name))
+                for r in rows[-1 - len(cpu_sessions):]:
                     print(_fmt(r), flush=True)
             if cuda:
                 rows.extend(_bench_cuda(name, model, x, b, flops, gpu_name, args))
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m bench.bench_backends " + " ".join(argv or sys.argv[1:]),
               "rows": rows, "ort_over_torch_cpu": summary}
     print()
-    print(f"{'model':<11} {'backend':<18} {'batch':>5} {'p50 ms':>9} {'p95 ms':>9} "
+    print(f"{'model':<11} {'backend':<22} {'batch':>5} {'p50 ms':>9} {'p95 ms':>9} "
           f"{'clips/s':>9} {'GFLOP/clip':>10} {'GFLOP/s':>8}")
     for r in rows:
         print(_fmt(r))
@@ -245,14 +255,14 @@ def _ratios(rows: list[dict]) -> dict[str, float]:
     out = {}
     for (model, backend, batch), r in by.items():
         if backend.startswith("onnxruntime-cpu") and (model, "torch-cpu", batch) in by:
-            tag = " 3d" if backend.endswith("-3d") else ""
+            tag = backend[len("onnxruntime-cpu"):].replace("-", " ")
             out[f"{model} b{batch}{tag}"] = (r["clips_per_s"]
                                             / by[(model, "torch-cpu", batch)]["clips_per_s"])
     return out
 
 
 def _fmt(r: dict) -> str:
-    return (f"{r['model']:<11} {r['backend']:<18} {r['batch']:>5} {r['p50_ms']:>9.2f} "
+    return (f"{r['model']:<11} {r['backend']:<22} {r['batch']:>5} {r['p50_ms']:>9.2f} "
             f"{r['p95_ms']:>9.2f} {r['clips_per_s']:>9.1f} {r['gflop_per_clip']:>10.2f} "
             f"{r['gflop_per_s']:>8.1f}")
 

@@ -10,8 +10,9 @@ that they all see the same machine load. Prints median / p99 / max [ms] per mode
 
 ``--compare-lowering`` times, instead of the given files, a network of each one's architecture
 (from its ``fmh.arch`` metadata, random weights: the speed does not depend on them) exported
-twice, with the 3D convolutions as they are and written as 2D convolutions over the frames
-(:mod:`export.lower_onnx`), both in the same interleaved run (needs torch).
+three times, with the 3D convolutions as they are, written as 2D convolutions over the frames
+(:mod:`export.lower_onnx`) and with the whole network on frames (:mod:`export.frame_major`),
+all in the same interleaved run (needs torch).
 """
 from __future__ import annotations
 
@@ -58,18 +59,17 @@ def measure(paths: list[str], *, threads: int = 1, warmup: int = 20, runs: int =
 
 def lowering_variants(model: str, out_dir: Path) -> list[str]:
     """Export a random-weight network with ``model``'s architecture with each 3D-conv lowering;
-    returns the two ONNX paths (conv3d="none", conv3d="as2d")."""
+    returns the ONNX paths (conv3d="none", "as2d", "frames")."""
     from engine.infer.artefact import ModelArtefact
     from export.checkpoints import Checkpoint
-    from export.lower_onnx import LOWERINGS
     from export.slowfast import build_from_meta, randomise_
-    from export.to_onnx import export_onnx
+    from export.to_onnx import CONV3D_MODES, export_onnx
     art = ModelArtefact.load(model)
     net = randomise_(build_from_meta(art.meta["arch"]), seed=0).eval()
     ckpt = Checkpoint.from_model(net, trained_on="benchmark, random weights")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for mode in reversed(LOWERINGS):            # "none" first
+    for mode in reversed(CONV3D_MODES):         # "none" first
         path = out_dir / f"{Path(model).stem}.conv3d-{mode}.onnx"
         res = export_onnx(ckpt, path, conv3d=mode, check_batches=(1,))
         print(f"exported {path.name}: parity max |dlogit| {res.max_abs_diff:.1e}")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=20, help="untimed runs per model [20]")
     ap.add_argument("--batch", type=int, default=1, help="batch size [1]")
     ap.add_argument("--compare-lowering", action="store_true",
-                    help="time each model's architecture with and without the 3D-conv lowering")
+                    help="time each model's architecture in each --conv3d layout")
     args = ap.parse_args(argv)
     for p in args.models:
         if not Path(p).is_file():

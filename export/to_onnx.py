@@ -29,16 +29,19 @@ from engine.errors import ModelError
 from engine.infer.artefact import ModelArtefact, build_metadata
 
 from .checkpoints import Checkpoint, load_checkpoint
-from .lower_onnx import LOWERINGS, lower_onnx
+from .frame_major import FrameMajor
+from .lower_onnx import lower_onnx
 from .slowfast import SlowFast
 
-__all__ = ["ExportResult", "export_onnx", "reference_clips", "metadata_for", "DEFAULT_OPSET",
+__all__ = ["ExportResult", "export_onnx", "CONV3D_MODES", "reference_clips", "metadata_for", "DEFAULT_OPSET",
            "FP32_TOLERANCE", "INPUT_NAME", "OUTPUT_NAME"]
 
 DEFAULT_OPSET = 17
 FP32_TOLERANCE = 1e-4
 INPUT_NAME = "clip"
 OUTPUT_NAME = "logits"
+# How the exported graph expresses the 3D convolutions (``fmh export --conv3d``).
+CONV3D_MODES = ("frames", "as2d", "none")
 
 
 @dataclass(frozen=True)
@@ -166,8 +169,8 @@ def export_onnx(source: Checkpoint | str | os.PathLike, out: str | os.PathLike, 
     """
     if opset < 17:
         raise ModelError(f"opset {opset} is too old; use 17 or newer")
-    if conv3d not in LOWERINGS:
-        raise ModelError(f"conv3d={conv3d!r}: expected one of {', '.join(LOWERINGS)}")
+    if conv3d not in CONV3D_MODES:
+        raise ModelError(f"conv3d={conv3d!r}: expected one of {', '.join(CONV3D_MODES)}")
     ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
     model = copy.deepcopy(ckpt.build_model()).eval().cpu()
     cfg = model.config
@@ -186,7 +189,8 @@ def export_onnx(source: Checkpoint | str | os.PathLike, out: str | os.PathLike, 
     tmp = out.with_name(out.name + ".tmp")
     try:
         with torch.no_grad():
-            _torch_export(model, x[:1], tmp, opset, dynamo)
+            graph = FrameMajor(model).eval() if conv3d == "frames" else model
+            _torch_export(graph, x[:1], tmp, opset, dynamo)
     except Exception as exc:  # noqa: BLE001 - the exporters raise many kinds
         tmp.unlink(missing_ok=True)
         raise ModelError(f"ONNX export of {cfg.name} failed: {type(exc).__name__}: {exc}") from None
@@ -199,11 +203,7 @@ def export_onnx(source: Checkpoint | str | os.PathLike, out: str | os.PathLike, 
         meta = metadata_for(ckpt, created=created)
         meta["fmh.export"] = json.dumps({"conv3d": conv3d, "opset": opset,
                                          "exporter": "dynamo" if dynamo else "torchscript"})
-        del proto.metadata_props[:]
-        for k, v in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = k, v
-        proto.producer_name = "fmh-engine"
+        set_metadata(proto, meta)
         _check_single_dynamic_input(proto, cfg)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))
@@ -235,6 +235,15 @@ def export_onnx(source: Checkpoint | str | os.PathLike, out: str | os.PathLike, 
     return ExportResult(path=out, sha256=art.sha256, opset=actual_opset, max_abs_diff=worst,
                         per_batch=per_batch, tolerance=tolerance, n_reference=n,
                         metadata=meta, model_id=art.model_id, size_bytes=out.stat().st_size)
+
+
+def set_metadata(proto, meta: Mapping[str, str]) -> None:
+    """Replace an ``onnx.ModelProto``'s metadata with ``meta`` and name us as its producer."""
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.producer_name = "fmh-engine"
 
 
 def _check_single_dynamic_input(proto, cfg) -> None:

@@ -9,13 +9,22 @@ one input `clip` (N x C x T x H x W, only N dynamic), `logits` out, fmh.* metada
 ONNX file is checked with onnx.checker and compared with PyTorch on reference clips through
 ONNX Runtime: a worst |logit difference| above 1e-4 is an error and nothing is written.
 
+--int8-onnx also writes an INT8 ONNX model for ONNX Runtime's CPU (about twice as fast as
+fp32 for wide models such as an R50; slower for the tiny demo model): static quantization,
+8-bit ranges measured on --calibration clips (clip stores from `fmh detect` / `fmh run`, or
+a .npy of preprocessed clips), then checked against PyTorch on other clips: a worst
+|p(positive) difference| above --int8-tolerance is an error and nothing is written. Run
+`fmh evaluate` on the INT8 file to measure its own sensitivity and specificity.
+
 --trt builds a TensorRT engine from the ONNX file for this GPU (FP16 by default), cached
 under a key of the ONNX sha256, TensorRT version, GPU, precision and batch profile, with a
 JSON sidecar; it needs an NVIDIA GPU with TensorRT.
 
 example:
   fmh export runs/train/best.pt --onnx models/m1.onnx
-  fmh export runs/train/best.pt --onnx models/m1.onnx --trt models/m1.plan --max-batch 8"""
+  fmh export runs/train/best.pt --onnx models/m1.onnx --trt models/m1.plan --max-batch 8
+  fmh export runs/train/best.pt --onnx models/m1.onnx --int8-onnx models/m1.int8.onnx \
+      --calibration runs/detect/d001 runs/detect/d002"""
 
 
 def add_arguments(p) -> None:
@@ -27,15 +36,29 @@ def add_arguments(p) -> None:
     p.add_argument("--opt-batch", type=int, help="TensorRT profile optimum batch [max-batch]")
     p.add_argument("--precision", choices=["fp16", "fp32", "int8"], default="fp16",
                    help="TensorRT precision [fp16]")
-    p.add_argument("--calibration", metavar="NPY",
-                   help="preprocessed clips (n, C, T, H, W) float32 .npy for INT8")
+    p.add_argument("--int8-onnx", metavar="OUT",
+                   help="also write an INT8 ONNX model (ONNX Runtime CPU) calibrated on "
+                        "--calibration clips")
+    p.add_argument("--calibration", nargs="+", metavar="PATH",
+                   help="INT8 calibration clips: clip stores (clips.h5 or their folders), or "
+                        "one .npy of preprocessed clips (n, C, T, H, W) float32")
+    p.add_argument("--calibration-clips", type=int, default=128,
+                   help="clips drawn from the stores for calibration, and as many more "
+                        "for the check [128]")
+    p.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"],
+                   default="minmax", help="how INT8 activation ranges are set [minmax]")
+    p.add_argument("--int8-tolerance", type=float, default=0.1,
+                   help="largest allowed INT8 vs PyTorch |p(positive) difference| [0.1]")
+    p.add_argument("--int8-reduce-range", action="store_true",
+                   help="7-bit INT8 weights (x86 CPUs without VNNI can saturate 8-bit ones)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed ONNX Runtime vs PyTorch |logit difference| [1e-4]")
     p.add_argument("--dynamo", action="store_true", help="use the dynamo-based ONNX exporter")
-    p.add_argument("--conv3d", choices=["as2d", "none"], default="as2d",
+    p.add_argument("--conv3d", choices=["as2d", "frames", "none"], default="as2d",
                    help="as2d: 3D convolutions with a spatial kernel written as 2D ones over "
                         "the frames (same function, faster on ONNX Runtime CPU: 2.4x for the "
-                        "demo model); none: as they "
+                        "demo model); frames: the whole network on frames (no layout changes "
+                        "between layers; a little faster for wide models); none: as they "
                         "are [as2d]")
     p.add_argument("--import-foreign", action="store_true",
                    help="CHECKPOINT is a PySlowFast/PyTorchVideo file: convert it (grey stems)")
@@ -56,7 +79,16 @@ def run(args) -> int:
     if not args.tolerance > 0:
         raise ConfigError(f"--tolerance {args.tolerance}: must be positive")
     if args.precision == "int8" and args.trt and not args.calibration:
-        raise ConfigError("--precision int8 needs --calibration clips.npy")
+        raise ConfigError("--precision int8 needs --calibration clips (stores or a .npy)")
+    if args.int8_onnx and not args.calibration:
+        raise ConfigError("--int8-onnx needs --calibration clips (stores or a .npy)")
+    if args.calibration_clips < 1:
+        raise ConfigError(f"--calibration-clips {args.calibration_clips}: must be >= 1")
+    if not args.int8_tolerance > 0:
+        raise ConfigError(f"--int8-tolerance {args.int8_tolerance}: must be positive")
+    for c in args.calibration or ():
+        if not Path(c).exists():
+            raise ConfigError(f"--calibration {c}: no such file or folder")
     if not Path(args.checkpoint).is_file():
         raise ModelError(f"{args.checkpoint}: checkpoint not found")
 
@@ -73,18 +105,25 @@ def run(args) -> int:
         print(f"converted {args.checkpoint}: {report}")
     else:
         ckpt = load_checkpoint(args.checkpoint)
+    calib = check = None
+    if args.calibration:            # read first: a bad calibration set fails before any writing
+        calib, check = _calibration(args, ckpt)
     result = export_onnx(ckpt, args.onnx, opset=args.opset, tolerance=args.tolerance,
                          dynamo=args.dynamo, conv3d=args.conv3d)
     print(f"wrote {result.summary()}")
     print(f"model id {result.model_id}")
     for key, value in result.metadata.items():
         print(f"  {key} = {value}")
+    if args.int8_onnx:
+        from export.quantize import quantize_int8
+        print(f"INT8: calibrating on {len(calib)} clips, checking on {len(check)}")
+        q = quantize_int8(ckpt, args.int8_onnx, calib, check=check,
+                          prob_tolerance=args.int8_tolerance, method=args.calibration_method,
+                          reduce_range=args.int8_reduce_range)
+        print(f"wrote {q.summary()}")
     if args.trt:
-        import numpy as np
-
         from export.to_trt import build_engine
         from export.verify import verify
-        calib = np.load(args.calibration) if args.calibration else None
         res = build_engine(args.onnx, precision=args.precision, max_batch=args.max_batch,
                            opt_batch=args.opt_batch, calibration=calib, out=args.trt)
         state = f"built in {res.seconds:.1f} s ({res.reason})" if res.built else "reused from cache"
@@ -92,3 +131,30 @@ def run(args) -> int:
         for row in verify(ckpt, args.onnx, engine=res.path, precision=args.precision):
             print(f"  {row}")
     return 0
+
+
+def _calibration(args, ckpt):
+    """(calibration clips, check clips) from ``--calibration``: a .npy of preprocessed clips
+    (the check then uses the same clips), or clip stores (two disjoint random draws)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from export.quantize import calibration_from_stores
+    from export.to_onnx import metadata_for
+
+    from ..errors import ConfigError
+    paths = [Path(p) for p in args.calibration]
+    npy = [p for p in paths if p.suffix == ".npy"]
+    if npy:
+        if len(paths) != 1:
+            raise ConfigError("--calibration: give one .npy, or clip stores, not both")
+        try:
+            clips = np.load(npy[0], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--calibration {npy[0]}: not a readable .npy ({exc})") from None
+        return clips, clips
+    both = calibration_from_stores(paths, metadata_for(ckpt), n=2 * args.calibration_clips)
+    if len(both) < 2:
+        return both, both
+    return both[0::2], both[1::2]
