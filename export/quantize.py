@@ -115,20 +115,27 @@ def calibration_from_stores(paths: Sequence[str | os.PathLike], meta: Mapping, *
 
 
 class _Reader:
-    """``onnxruntime.quantization.CalibrationDataReader`` over an array, ``batch`` clips a time."""
+    """``onnxruntime.quantization.CalibrationDataReader`` over an array, ``batch`` clips an
+    item; ``set_range`` (ONNX Runtime's strided calibration) limits it to items
+    ``[start, end)``, so the calibrator holds one batch's activations at a time."""
 
     def __init__(self, clips: np.ndarray, batch: int = 8):
-        self.clips, self.batch, self.i = clips, batch, 0
+        self.clips, self.batch = clips, batch
+        self.n = -(-len(clips) // batch)
+        self.set_range(0, self.n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.i, self.end = start_index, min(end_index, self.n)
 
     def get_next(self):
-        if self.i >= len(self.clips):
+        if self.i >= self.end:
             return None
-        x = self.clips[self.i:self.i + self.batch]
-        self.i += self.batch
+        x = self.clips[self.i * self.batch:(self.i + 1) * self.batch]
+        self.i += 1
         return {INPUT_NAME: x}
-
-    def rewind(self) -> None:
-        self.i = 0
 
 
 def quantize_int8(source: Checkpoint | str | os.PathLike, out: str | os.PathLike,
@@ -199,11 +206,16 @@ def quantize_int8(source: Checkpoint | str | os.PathLike, out: str | os.PathLike
                 _torch_export(FrameMajor(model).eval(), torch.from_numpy(calibration[:1]), fp32,
                               opset, dynamo=False)
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-            quantize_static(str(pre), str(tmp), _Reader(calibration),
+            # The calibrator keeps every activation of the clips it is given: one batch at a
+            # time (strided calibration: ranges or histograms merged after each), and one clip
+            # per batch at 224 x 224, where an R50 holds gigabytes of activations per clip.
+            batch = max(1, 8 * 64 * 64 // (cfg.crop * cfg.crop))
+            quantize_static(str(pre), str(tmp), _Reader(calibration, batch),
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=methods[method],
-                            extra_options={"CalibTensorRangeSymmetric": False})
+                            extra_options={"CalibTensorRangeSymmetric": False,
+                                           "CalibStridedMinMax": 1})
         except ModelError:
             tmp.unlink(missing_ok=True)
             raise

@@ -207,3 +207,23 @@ def test_fmh_export_int8(ckpt, tmp_path, capsys):
     int8.unlink()
     assert fmh(args + ["--calibration", str(tmp_path / "c.npy"), "--int8-tolerance", "1e-9"]) == 2
     assert "INT8 check failed" in capsys.readouterr().err and not int8.exists()
+
+
+def test_calibration_ranges_cover_every_batch(ckpt, calib, tmp_path):
+    """Calibration runs batch by batch (memory); the ranges must still span all the clips:
+    the input's 8-bit scale follows a bright clip placed in the last batch only."""
+    big = np.concatenate([calib, calib, calib[:5] * 1.0])      # 53 clips: 2 batches of 32
+    big[-1] *= 6.0
+    res = quantize_int8(ckpt, tmp_path / "q.onnx", big, check=calib, prob_tolerance=1.0)
+    proto = onnx.load(str(res.path))
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    # the 8-bit inputs of the stems: the clip's values moved by layout ops only
+    raw, scales = {"clip"}, []
+    for n in proto.graph.node:
+        if n.input and n.input[0] in raw:
+            if n.op_type in ("Transpose", "Reshape", "Slice", "Pad", "Concat"):
+                raw.update(n.output)
+            elif n.op_type == "QuantizeLinear":
+                scales.append(float(init[n.input[1]]))
+    lo, hi = min(float(big.min()), 0.0), max(float(big.max()), 0.0)
+    assert scales and max(scales) == pytest.approx((hi - lo) / 255, rel=1e-3)
