@@ -21,7 +21,8 @@ backends"). The steps:
    reported. Beyond the tolerance: :class:`~engine.errors.ModelError`, nothing is written.
 
 The fp32 figures in ``fmh.validation`` (used by the report's Rogan-Gladen correction) are
-those of the checkpoint; ``fmh evaluate`` on the INT8 file measures its own.
+those of the checkpoint (``fmh.trained_on`` says so, and the report shows it); ``fmh evaluate``
+on the INT8 file measures its own.
 
 On x86 CPUs without VNNI, ONNX Runtime's u8 x s8 products can saturate; ``reduce_range=True``
 quantizes weights to 7 bits for those (ONNX Runtime's quantization guide).
@@ -240,6 +241,10 @@ def quantize_int8(source: Checkpoint | str | os.PathLike, out: str | os.PathLike
                              f"({changed} decisions changed); try more or more representative "
                              f"calibration clips, another calibration method, or keep fp32")
         meta = metadata_for(ckpt, created=created)
+        # said where the report shows it: its Rogan-Gladen correction uses fmh.validation
+        meta["fmh.trained_on"] += ("; INT8 copy (fmh export --int8-onnx): the validation "
+                                   "figures are the fp32 model's, measure this file with "
+                                   "fmh evaluate")
         meta["fmh.export"] = json.dumps({
             "conv3d": "frames", "opset": opset, "exporter": "torchscript", "precision": "int8",
             "quantization": {"format": "QDQ", "weights": "int8 per channel",

@@ -203,6 +203,7 @@ def test_fmh_export_int8(ckpt, tmp_path, capsys):
     assert "calibrating on 6 clips, checking on 6" in out and "INT8" in out
     meta = ModelArtefact.load(int8).meta
     assert meta["threshold"] == pytest.approx(0.4)
+    assert "INT8 copy" in meta["trained_on"] and "fp32 model's" in meta["trained_on"]
     np.save(tmp_path / "c.npy", reference_clips(ckpt.config, n=3))
     int8.unlink()
     assert fmh(args + ["--calibration", str(tmp_path / "c.npy"), "--int8-tolerance", "1e-9"]) == 2
