@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                                          f"{ms(lat.get('worker_wait_ms', {}), 'p99')}"),
         ("  compute p50 / p99 [ms]", f"{ms(lat.get('compute_ms', {}), 'p50')} / "
                                      f"{ms(lat.get('compute_ms', {}), 'p99')}"),
+        ("  trip to worker and back p50 / p99 [ms]", f"{ms(lat.get('trip_ms', {}), 'p50')} / "
+                                                     f"{ms(lat.get('trip_ms', {}), 'p99')}"),
         ("  track close p50 / p99 [ms]", f"{ms(lat.get('track_ms', {}), 'p50')} / "
                                          f"{ms(lat.get('track_ms', {}), 'p99')}"),
         ("cells counted / warm-up / end of stream",

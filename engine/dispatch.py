@@ -642,6 +642,9 @@ class Dispatcher:
                 "queue_ms": (e.t_sent - e.t_submit) * 1e3,
                 "worker_wait_ms": float(h.get("wait_ms", float("nan"))),
                 "compute_ms": float(h.get("compute_ms", float("nan"))),
+                # to the worker and back (both sockets, both threads), apart from the time
+                # the worker held the clip: clock-independent, so right for remote workers
+                "trip_ms": (now - e.t_sent) * 1e3 - float(h.get("held_ms", float("nan"))),
                 "attempts": e.attempts})
         self._deliver(pred, seq, worker=h.get("worker", ""))
 
@@ -745,6 +748,7 @@ class Dispatcher:
             except (WireError, TypeError, ValueError) as exc:
                 self._answer_error(e.seq, f"clip cannot be encoded: {exc}")
                 continue
+            t_send = time.perf_counter()       # before the send: the worker may answer
             if not self._send(router, w.ident, frames):
                 with self._lock:
                     self._resend.appendleft(e.seq)
@@ -755,7 +759,7 @@ class Dispatcher:
             with self._lock:
                 e.attempts += 1
                 e.worker = w.ident
-                e.t_sent = time.perf_counter()
+                e.t_sent = t_send
                 self._counts["sent"] += 1
 
 

@@ -26,8 +26,9 @@ in which the cell was last seen (its exit frame) had been processed (``t_exit_s`
 prediction reached the collector (``t_pred_s``). ``latency_ms`` is their difference; its parts
 are ``track_ms`` (until the tracker closed the track), ``handoff_ms`` (features, files, clip
 store, until the clip was queued), ``queue_ms`` (dispatcher queue, until sent to a worker),
-``worker_wait_ms`` (micro-batching in the worker) and ``compute_ms`` (preprocessing excluded:
-the model's batch). The manifest's ``latency`` summarises them over the cells after warm-up:
+``worker_wait_ms`` (micro-batching in the worker), ``compute_ms`` (preprocessing excluded:
+the model's batch) and ``trip_ms`` (to the worker and back: sockets, threads, decoding and
+preprocessing; the dispatcher's round trip less the time the worker says it held the clip). The manifest's ``latency`` summarises them over the cells after warm-up:
 cells whose track closed before the workers first caught up with the queue (model loading,
 first-batch compilation) are left out and counted as ``n_warmup``.
 """
@@ -385,7 +386,8 @@ class _Latency:
             out["handoff_ms"] = (rec["t_submit_s"] - rec["t_closed_s"]) * 1e3
         if d is not None:
             out.update(queue_ms=d.get("queue_ms"), worker_wait_ms=d.get("worker_wait_ms"),
-                       compute_ms=d.get("compute_ms"), attempts=int(d.get("attempts", 1)))
+                       compute_ms=d.get("compute_ms"), trip_ms=d.get("trip_ms"),
+                       attempts=int(d.get("attempts", 1)))
         return out
 
 
@@ -431,7 +433,8 @@ def latency_summary(timings: dict[int, dict], t_warm: float | None,
         "n_warmup": len(left) - len(warm),
         "total_ms": _q([r["latency_ms"] for r in warm]),
     }
-    for part in ("track_ms", "handoff_ms", "queue_ms", "worker_wait_ms", "compute_ms"):
+    for part in ("track_ms", "handoff_ms", "queue_ms", "worker_wait_ms", "compute_ms",
+                 "trip_ms"):
         out[part] = _q([r.get(part) for r in warm])
     out["total_ms_with_warmup"] = _q([r["latency_ms"] for r in recs])
     return out

@@ -48,7 +48,7 @@ ROW_GROUP = 8192          # tracks.parquet rows per row group (flushed earlier a
 # Per-cell timing of a classified cell (see engine.pipeline): host-monotonic times [s] and
 # the parts of the latency [ms]. Written to predictions.jsonl and cells.parquet.
 TIMING_FIELDS = ("exit_frame", "close_frame", "t_exit_s", "t_closed_s", "t_pred_s", "latency_ms", "track_ms",
-                 "handoff_ms", "queue_ms", "worker_wait_ms", "compute_ms", "attempts")
+                 "handoff_ms", "queue_ms", "worker_wait_ms", "compute_ms", "trip_ms", "attempts")
 
 _BASE = ("cell_id", "first_frame", "last_frame", "n_frames", "status", "reason")
 _INT_COLS = ("cell_id", "first_frame", "last_frame", "n_frames", "exit_frame", "close_frame",

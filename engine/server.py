@@ -297,9 +297,11 @@ class InferenceWorker:
                 fields = dict(p_fetal=None, label="", probs=[], error=error[:1000])
             else:
                 fields = dict(p_fetal=ok[0], label=ok[1], probs=list(ok[2]), error="")
+            held_ms = (time.monotonic() - t_recv) * 1e3      # receipt -> answer, this host
             self._send(wire.encode("prediction", self._run_id, cell=int(clip.cell_id), seq=seq,
                                    model_id=self.artefact.model_id, worker=self.name,
-                                   compute_ms=compute_ms, wait_ms=wait_ms, **fields))
+                                   compute_ms=compute_ms, wait_ms=wait_ms, held_ms=held_ms,
+                                   **fields))
             self.stats["answered"] += 1
         self._send(wire.encode("credit", self._run_id, n=len(items), worker=self.name))
 

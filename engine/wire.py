@@ -71,7 +71,7 @@ _REQUIRED: dict[str, dict[str, tuple]] = {
 _OPTIONAL: dict[str, tuple] = {
     "status": (str,), "reason": (str,), "t0_ns": (int,), "t_exit_ns": (int,),
     "features": (dict,), "model_id": (str,), "worker": (str,), "pid": (int,),
-    "backend": (str,), "compute_ms": _NUM, "wait_ms": _NUM, "latency_ms": (int, float, type(None)),
+    "backend": (str,), "compute_ms": _NUM, "wait_ms": _NUM, "held_ms": _NUM, "latency_ms": (int, float, type(None)),
     "sent_ns": (int,), "backlog": (int,), "stats": (dict,), "counters": (dict,), "classes": (list,),
 }
 # Arrays a kind must carry: name -> (dtype, rank).

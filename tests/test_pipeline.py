@@ -209,7 +209,13 @@ def test_run_gives_every_cell_exactly_one_prediction(seq, tmp_path, capsys):
         assert p["t_pred_s"] >= p["t_exit_s"] and p["close_frame"] >= p["exit_frame"] == row.last_frame
         assert p["latency_ms"] == pytest.approx((p["t_pred_s"] - p["t_exit_s"]) * 1e3, abs=1e-3)
         assert p["compute_ms"] >= 0 and p["queue_ms"] >= 0
+        # the rest of the trip: to the worker and back, apart from the time it held the clip
+        assert 0 < p["trip_ms"] < p["latency_ms"] - p["queue_ms"] - p["compute_ms"]
+    from engine.features import FEATURES
+    from engine.runfiles import TIMING_FIELDS
+    assert not set(TIMING_FIELDS) & set(FEATURES)  # one cells.parquet column each
     lat = m["latency"]
+    assert lat["trip_ms"]["n"] == lat["total_ms"]["n"]
     assert lat["n_cells"] == c["cells_tracked"]
     assert lat["live_from_frame"] is None     # an unpaced replay never runs in real time
     assert lat["total_ms"]["n"] + lat["n_warmup"] + lat["n_end_of_stream"] == lat["n_cells"]

@@ -230,8 +230,9 @@ def record(ts, i, fi, t_ns, image, cx, cy, b0, b1, b2, b3, area, B, j, seen, P, 
     return row
 
 
-#: A cell leaving on the right that is missed is gone once the part of it predicted to be still
-#: in view is under EDGE_FACTOR x frontend.min_area (engine.track.linker_py.PyLinker._gone_right).
+#: A cell leaving on the right is gone once the part of it predicted to be still in view in
+#: the next frame is under EDGE_FACTOR x frontend.min_area: its track ends with the frame in
+#: which it was last seen (engine.track.linker_py.PyLinker._gone_right).
 EDGE_FACTOR = 2.0
 
 
@@ -463,6 +464,13 @@ def step(stage, ts, n, fi, t_ns, image, B, m, fld, P, I, wi, wf, btrack, links, 
                 wi[i, W_ROW] = record(ts, i, fi, t_ns, image, bx, by, b0, b1, b2, b3,
                                       float(int(barea)), B, j, True, P, I, crops, rec_i,
                                       rec_f, slot_rows, free)
+            if b2 >= W:
+                # leaving on the right: ends now if too little of it will be in view next
+                nx, _ = predict(ts, i, fi + 1, fld, P)
+                if _gone_right(ts, i, nx, P):
+                    wi[i, W_DONE] = DONE_EXIT
+                    ndone += 1
+                    continue
         elif wf[i, W_CARRIED] != 0.0:
             cx = wf[i, W_CX]
             cy = wf[i, W_CY]
@@ -484,7 +492,9 @@ def step(stage, ts, n, fi, t_ns, image, B, m, fld, P, I, wi, wf, btrack, links, 
             ts[i, T_MISSES] += 1.0
             half_w = 0.5 * (ts[i, T_BX1] - ts[i, T_BX0])
             if (px - half_w >= W or ts[i, T_MISSES] > max_gap
-                    or _gone_right(ts, i, px, P)):
+                    or ts[i, T_BX1] >= W):
+                # a cell last seen (or carried) cut by the right edge and now missed has left:
+                # what may still show of it is absorbed (engine.track.remnants)
                 wi[i, W_DONE] = DONE_EXIT if ts[i, T_EXITED] != 0.0 else DONE_LOST
                 ndone += 1
                 continue

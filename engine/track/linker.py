@@ -23,10 +23,13 @@ Per frame:
    but around its prediction are linked to it (a rescue).
 5. **Misses**: a track without a candidate is predicted through up to ``max_gap`` frames (its
    crop is cut at the predicted position with area 0); then it ends, as an exit when its last
-   box touched the outlet edge, else as lost. A track predicted beyond the right edge, or whose
-   predicted part still in view is smaller than the smallest blob (``frontend.min_area``), ends
-   at once: the cell has left, and waiting would only delay its classification.
-6. **New tracks** start from the remaining blobs.
+   box touched the outlet edge, else as lost. A track predicted beyond the right edge ends at
+   once. At the right edge no miss is bridged: a track cut by the edge ends at its first
+   miss, and one whose part predicted to be in view in the next frame is under twice the
+   smallest blob (``frontend.min_area``) ends with the frame it was seen in: the cell has
+   left, and waiting would only delay its classification.
+6. **New tracks** start from the remaining blobs, except a blob cut by the right edge under
+   a track that just ended there (what is left of that cell: :mod:`engine.track.remnants`).
 
 A finished track is a clip from its first to its last detection. It is ``COMPLETE`` when it
 entered at the left image edge and left at the right one (within ``edge_margin``); otherwise
@@ -62,6 +65,7 @@ from ..types import Blob, CellClip, ChipGeometry, Frame, TrackStatus
 from . import _kernels as K
 from .assign import Assigner
 from .predict import PREDICTORS
+from .remnants import EdgeRemnants
 
 __all__ = ["Linker", "link_iter"]
 
@@ -194,10 +198,11 @@ class Linker:
         self._first_index: int | None = None
         self._last_index: int | None = None
         self._last_t_ns = 0
+        self._remnants = EdgeRemnants(self.width, self.max_gap)
         self.stats = {k: 0 for k in (
             "frames", "blobs", "tracks_started", "clips", "complete", "truncated",
             "dropped_short", "dropped_static", "gap_frames", "merged_frames", "rescued",
-            "contested", "ambiguous", "live", "live_max")}
+            "contested", "ambiguous", "live", "live_max", "remnants")}
 
     # -- public ----------------------------------------------------------------------------
     @property
@@ -257,13 +262,17 @@ class Linker:
                    self._crops, self._rec_i, self._rec_f, self._slot_rows, self._free)
         if not self._fixed:
             self._cut_rows(image, n)
-        finished = self._end_tracks(frame.t_ns) if I[K.I_NDONE] else []
+        finished = self._end_tracks(frame.t_ns, fi) if I[K.I_NDONE] else []
+        rem = self._remnants
+        rem.expire(fi)
         if I[K.I_NFREE] or extra:
             for j in range(m):
-                if self._btrack[j] == -1:
+                if self._btrack[j] == -1 and not rem.absorb(blist[j].bbox, fi):
                     self._start(blist[j], image, fi, t_ns)
             for b in extra:
-                self._start(b, image, fi, t_ns)
+                if not rem.absorb(b.bbox, fi):
+                    self._start(b, image, fi, t_ns)
+        st["remnants"] = rem.absorbed
         st["gap_frames"] = int(I[K.I_GAP])
         st["live"] = self._n
         if self._n > st["live_max"]:
@@ -390,7 +399,7 @@ class Linker:
             box = tuple(int(v) for v in r[K.R_X0:K.R_Y1 + 1])
             self.cutter(image, float(r[K.R_CX]), float(r[K.R_CY]), box, self._crops[row])
 
-    def _end_tracks(self, t_ns: int) -> list[CellClip]:
+    def _end_tracks(self, t_ns: int, fi: int) -> list[CellClip]:
         """Finish the tracks the kernel ended (in track order), keep the rest in order."""
         n = self._n
         done = self._wi[:n, K.W_DONE]
@@ -402,6 +411,8 @@ class Linker:
                 clip = self._finish(i, "too long", t_ns)
                 ts[i, K.T_TAIL] = 1.0       # goes on claiming its blobs, records nothing
             else:
+                if done[i] == K.DONE_EXIT:
+                    self._remnants.ended(ts[i, K.T_BX0:K.T_BY1 + 1].tolist(), fi)
                 clip = self._finish(i, "exit" if done[i] == K.DONE_EXIT else "lost", t_ns)
                 keep[i] = False
             if clip is not None:

@@ -20,6 +20,7 @@ from ..errors import DetectError
 from ..features import compute_features
 from ..types import Blob, CellClip, ChipGeometry, Frame, TrackStatus
 from ._kernels import EDGE_FACTOR
+from .remnants import EdgeRemnants
 from .assign import Assigner
 from .predict import TrackState, make_predictor
 
@@ -113,10 +114,11 @@ class PyLinker:
         self._last_index: int | None = None
         self._last_t_ns = 0
         self._cell_area = 0.0      # typical area of a tracked cell [px²], learned
+        self._remnants = EdgeRemnants(self.width, self.max_gap)
         self.stats = {k: 0 for k in (
             "frames", "blobs", "tracks_started", "clips", "complete", "truncated",
             "dropped_short", "dropped_static", "gap_frames", "merged_frames", "rescued",
-            "contested", "ambiguous", "live", "live_max")}
+            "contested", "ambiguous", "live", "live_max", "remnants")}
 
     # -- public ----------------------------------------------------------------------------
     @property
@@ -241,6 +243,8 @@ class PyLinker:
                     else:
                         self.cutter(image, bx, by, box, rec.slot())
                     rec.push(fi, t_ns, bx, by, box, b.area, b[5:])
+                if box[2] >= width and self._gone_right(tr, predict(s, fi + 1)[0]):
+                    done_reason = "exit"          # too little of it will be in view next
             elif i in carried:
                 cx, cy, box = carried[i]
                 self.predictor.move(s, cx, cy, fi)
@@ -257,7 +261,9 @@ class PyLinker:
                 tr.misses += 1
                 half_w = 0.5 * (tr.box[2] - tr.box[0])
                 if (px - half_w >= self.width or tr.misses > self.max_gap
-                        or self._gone_right(tr, px)):
+                        or tr.box[2] >= self.width):
+                    # seen (or carried) cut by the right edge and now missed: it has left
+                    # (what may still show of it is absorbed: engine.track.remnants)
                     done_reason = "exit" if tr.exited_edge else "lost"
                 else:
                     st["gap_frames"] += 1
@@ -267,6 +273,8 @@ class PyLinker:
                         self._cut(image, px, py, box, rec)
                         rec.add(None, fi, t_ns, px, py, box, 0, None)
             if done_reason is not None:
+                if done_reason == "exit":
+                    self._remnants.ended(tr.box, fi)
                 clip = self._finish(tr, done_reason, frame.t_ns)
                 if clip is not None:
                     finished.append(clip)
@@ -280,8 +288,9 @@ class PyLinker:
             keep.append(tr)
 
         # 6. new tracks (from free blobs, and from the free part of a big blob at the inlet)
+        self._remnants.expire(fi)
         for j, b in enumerate(blobs + extra):
-            if j in blob_track:
+            if j in blob_track or self._remnants.absorb(b.bbox, fi):
                 continue
             tr = _Track(self._next_tid, b, ClipRecorder(self.cutter.size, self.max_frames,
                                                         pool=self._pool),
@@ -299,6 +308,7 @@ class PyLinker:
         st["live_max"] = max(st["live_max"], len(keep))
         st["contested"] = self.assigner.stats["contested"]
         st["ambiguous"] = self.assigner.stats["ambiguous"]
+        st["remnants"] = self._remnants.absorbed
         return finished
 
     def flush(self) -> list[CellClip]:
@@ -314,20 +324,18 @@ class PyLinker:
 
     # -- internals ---------------------------------------------------------------------------
     def _gone_right(self, tr: _Track, px: float) -> bool:
-        """True when a track last seen touching the right image edge has moved out of view.
+        """True when a track seen cut by the right image edge will be out of view at ``px``.
 
         The part of the cell still inside the image, with its box moved to the prediction
-        ``px`` and filled as the last blob filled its box, is under ``EDGE_FACTOR`` (2) times
-        the smallest blob the front end reports (``frontend.min_area``): it will not be seen
-        again, so the track ends now instead of waiting.
-        Why twice the smallest blob: a sliver at the edge keeps less of its outline above the
-        threshold than its last blob did. In a 30,000-frame replay (726 complete tracks) no
-        sliver predicted under about 60 px (50 = min_area) was detected again, and ending at
-        min_area itself left half of the tracks open 2-4 frames (4-8 ms) after the cell's
-        last detection, time that counts in the latency from exit to prediction (now 90 %
-        end one frame after it; 5 % still wait 4 frames, missed with a third of the cell in
-        view, where a miss is bridged as anywhere else). A miss while most of the cell is
-        still in view waits as before.
+        ``px`` for the next frame and filled as its blob filled its box, is under
+        ``EDGE_FACTOR`` (2) times the smallest blob the front end reports
+        (``frontend.min_area``): it will not be seen again, so the track ends with this frame
+        instead of one or more frames later. Why twice the smallest blob: a sliver at the edge
+        keeps less of its outline above the threshold than its last blob did; in a
+        30,000-frame replay (726 complete tracks) no sliver predicted under about 60 px
+        (50 = min_area) was detected again. A sliver that is seen all the same is absorbed
+        (:mod:`engine.track.remnants`), as is anything of a cell cut by the edge whose track
+        ended at its first miss there.
         """
         x0, y0, x1, y1 = tr.box
         if x1 < self.width or tr.inferred:
