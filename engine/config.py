@@ -172,6 +172,9 @@ class ServingConfig:
     worker_nice: int = opt(0, lo=0, hi=19, help="niceness added to local workers (0: same "
                            "priority as the front end; higher protects acquisition on a busy "
                            "machine at the cost of latency)")
+    worker_cpus: str = opt("auto", help="CPUs for the local workers, the rest to the front end: "
+                           "'auto' (half of this process's CPUs, at least 1, when it may use "
+                           "2 or more), 'none' (no pinning), or a list such as '1' or '4-7'")
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,8 @@ def _source_main(spec: str, cfg: Config, ring_name: str, opts: dict, status_q, s
     its frames into the ring until the end or until ``stop_ev`` is set; always closes the
     stream and reports its counters or error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent handles Ctrl-C
+    if opts.get("cpus"):
+        os.sched_setaffinity(0, set(opts["cpus"]))    # all the run's CPUs (see run_pipeline)
     from .ringbuf import FrameRing
     from .sources import open_source
     from .sources.pacing import paced
@@ -522,8 +524,21 @@ def run_pipeline(cfg: Config, opts: RunOptions,
     n_frames = 0
     status, error = "complete", ""
     progress = _Progress(opts.progress, desc.get("n_frames"), opts.max_frames, opts.loop)
+    split = affinity = None
     try:
         ctx = mp.get_context("spawn")
+        if opts.classify and opts.workers:
+            # Local workers on their own CPUs; the frame loop, its threads and the clip writer
+            # (niceness +10) on the others, pinned here before any of them starts. The source
+            # may use all of them: a simulated one can need more than the frame loop's share
+            # (with it on 1 of 2 cores too, a 40 cells/s live simulation fell behind for
+            # longer than without pinning). bench/RESULTS.md has the comparison.
+            from .dispatch import pin_to, split_cpus
+            split = split_cpus(opts.workers, cfg.serving.worker_cpus)
+            if split is not None:
+                affinity = os.sched_getaffinity(0)
+                pin_to(split[0])
+        float_cpus = sorted(affinity) if affinity is not None else None
         if opts.write_clips:
             clip_store = _ClipStoreProcess(ctx, out / "clips.h5",
                                            {"source": opts.source, "config": cfg.to_dict(),
@@ -542,9 +557,13 @@ def run_pipeline(cfg: Config, opts: RunOptions,
                          for k, v in cfg.to_dict()[sec].items()]
             # Local workers leave one core to the front end; serving.worker_nice > 0 also runs
             # them at a lower priority (acquisition before latency on a busy machine).
-            threads = worker_threads(opts.workers, reserve=1)
+            if split is not None:
+                threads = max(1, len(split[1]) // opts.workers)
+            else:
+                threads = worker_threads(opts.workers, reserve=1)
             workers = spawn_workers(str(artefact.path), dispatcher.endpoint, opts.workers,
-                                    overrides=overrides, threads=threads)
+                                    overrides=overrides, threads=threads,
+                                    cpus=split[1] if split is not None else None)
             if cfg.serving.worker_nice:
                 _lower_priority([p.pid for p in workers], cfg.serving.worker_nice)
             if opts.progress:
@@ -553,7 +572,7 @@ def run_pipeline(cfg: Config, opts: RunOptions,
 
         ring = FrameRing.create(shape=shape, slots=cfg.ring.slots, policy=policy)
         status_q, stop_ev, go_ev = ctx.Queue(), ctx.Event(), ctx.Event()
-        child_opts = {"speed": opts.speed, "max_frames": opts.max_frames,
+        child_opts = {"speed": opts.speed, "max_frames": opts.max_frames, "cpus": float_cpus,
                       "source_options": {"loop": opts.loop} if opts.loop != 1 else {}}
         proc = ctx.Process(target=_source_main, name="fmh-source",
                            args=(opts.source, cfg, ring.name, child_opts, status_q, stop_ev,
@@ -655,11 +674,15 @@ def run_pipeline(cfg: Config, opts: RunOptions,
             status, error = extra.pop("_status"), extra.get("error", "")
             if regap:
                 extra["background_after_gaps"] = regap
+            extra["cpus"] = ({"front_end": split[0], "workers": split[1]} if split is not None
+                             else None)
             timing["seconds"] = round(time.perf_counter() - t_start, 3)
             files.update_counts(**counts)
             files.close(status, timing=timing, progress=series.to_dict(), **extra)
         finally:
             stop.restore()
+            if affinity is not None:            # a run called in-process gives its CPUs back
+                os.sched_setaffinity(0, affinity)
     summary = RunSummary(out=out, counts=files.manifest["counts"], status=status,
                          seconds=time.perf_counter() - t_start,
                          latency=files.manifest.get("latency", {}))

@@ -216,6 +216,12 @@ def test_run_gives_every_cell_exactly_one_prediction(seq, tmp_path, capsys):
     assert not set(TIMING_FIELDS) & set(FEATURES)  # one cells.parquet column each
     lat = m["latency"]
     assert lat["trip_ms"]["n"] == lat["total_ms"]["n"]
+    usable = sorted(os.sched_getaffinity(0))         # the run gave back the CPUs it pinned
+    if len(usable) >= 2:                             # workers apart from the front end
+        k = len(usable) // 2
+        assert m["cpus"] == {"front_end": usable[:-k], "workers": usable[-k:]}
+    else:
+        assert m["cpus"] is None
     assert lat["n_cells"] == c["cells_tracked"]
     assert lat["live_from_frame"] is None     # an unpaced replay never runs in real time
     assert lat["total_ms"]["n"] + lat["n_warmup"] + lat["n_end_of_stream"] == lat["n_cells"]

@@ -231,3 +231,51 @@ def test_worker_threads_follow_the_affinity_mask_not_the_machine(monkeypatch):
     assert dispatch.worker_threads(1) == 2 and dispatch.worker_threads(3) == 1
     monkeypatch.setattr(dispatch.os, "sched_getaffinity", lambda pid: set(range(16)))
     assert dispatch.worker_threads(2, reserve=1) == 7
+
+
+def test_cpus_split_between_front_end_and_workers(monkeypatch):
+    """serving.worker_cpus: 'auto' gives local workers the upper half of the CPUs this process
+    may use (at least 1), the front end the rest; 'none' and a single CPU pin nothing; a list
+    must name usable CPUs and leave the front end at least one."""
+    from engine import dispatch
+    monkeypatch.setattr(dispatch.os, "sched_getaffinity", lambda pid: {4, 5}, raising=False)
+    assert dispatch.split_cpus(1) == ([4], [5])
+    assert dispatch.split_cpus(2) == ([4], [5])          # two workers share the one CPU
+    assert dispatch.split_cpus(1, "none") is None and dispatch.split_cpus(0) is None
+    assert dispatch.split_cpus(1, "5") == ([4], [5])
+    with pytest.raises(ConfigError, match=r"CPUs \[7\] are not among"):
+        dispatch.split_cpus(1, "5,7")
+    with pytest.raises(ConfigError, match="leaves no CPU to the front end"):
+        dispatch.split_cpus(1, "4-5")
+    with pytest.raises(ConfigError, match="CPU list 'two'"):
+        dispatch.split_cpus(1, "two")
+    monkeypatch.setattr(dispatch.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert dispatch.split_cpus(1) == (list(range(8)), list(range(8, 16)))
+    monkeypatch.setattr(dispatch.os, "sched_getaffinity", lambda pid: {3})
+    assert dispatch.split_cpus(1) is None                # nothing to split
+    assert dispatch.parse_cpus("4-6, 1,5") == [1, 4, 5, 6]
+    with pytest.raises(ConfigError, match="'3-1'"):
+        dispatch.parse_cpus("3-1")
+
+
+def test_fmh_serve_cpus_pins_the_worker_or_names_the_bad_list(model, tmp_path):
+    import os
+    import subprocess
+    import sys
+    usable = sorted(os.sched_getaffinity(0))
+    got = []
+    d = Dispatcher(cfg_with(), got.append, spill_dir=tmp_path).start()
+    procs = spawn_workers(model, d.endpoint, 1, cpus=[usable[-1]])
+    for i in range(5):
+        d.submit(make_clip(i))
+    deadline = time.monotonic() + 60
+    while len(got) < 5 and time.monotonic() < deadline:   # the worker is up and serving
+        time.sleep(0.05)
+    pinned = os.sched_getaffinity(procs[0].pid)
+    d.close(timeout=60)
+    assert stop_workers(procs, timeout=20) == [0] and len(got) == 5
+    assert pinned == {usable[-1]}
+    bad = subprocess.run([sys.executable, "-m", "engine", "serve", "--model", str(model),
+                          "--connect", "tcp://127.0.0.1:9", "--cpus", "1-x"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "CPU list '1-x'" in bad.stderr

@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
                    help="longest wait to fill a micro-batch [ms]")
     p.add_argument("--credits", type=int, default=None, help="clips this worker may hold")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: default)")
+    p.add_argument("--cpus", default=None, metavar="LIST",
+                   help="run on these CPUs only, e.g. 1 or 4-7 (fmh run pins its local "
+                        "workers apart from the front end: serving.worker_cpus)")
     p.add_argument("--curve-keys", default=None, metavar="DIR",
                    help="CURVE key folder from `fmh keys` (needed off-host)")
     p.add_argument("--delay-ms", type=float, default=0.0,
@@ -48,6 +51,9 @@ def run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.cpus:
+        from ..dispatch import parse_cpus, pin_to
+        pin_to(parse_cpus(args.cpus))          # before the model's threads exist
     if not args.connect.startswith(("tcp://", "ipc://", "inproc://")):
         raise ConfigError(f"--connect {args.connect!r} must be an endpoint like tcp://HOST:PORT")
     worker = InferenceWorker(args.model or cfg.model.path or None, args.connect, cfg=cfg,
