@@ -815,8 +815,8 @@ def split_cpus(n_workers: int, spec: str = "auto") -> tuple[list[int], list[int]
     workers)``, or None for no pinning.
 
     Why: on a 2-core machine a worker that shares its core with the frame loop runs the demo
-    model in 7 ms (median) instead of 4.4, and the latency from a cell's exit to its
-    prediction has a p99 of 20 ms instead of 14 (bench/RESULTS.md). ``spec``: ``"auto"``
+    model in 7.0 ms (median) instead of 5.1, and the latency from a cell's exit to its
+    prediction has a p99 of 19.8 ms instead of 16.3 (bench/RESULTS.md, fifth round). ``spec``: ``"auto"``
     gives the workers the upper half of the CPUs this process may use (at least 1) when it may
     use 2 or more; ``"none"`` pins nothing; a list (``"1"``, ``"4-7"``) names the workers'
     CPUs, which must be CPUs this process may use and leave at least one to the front end.
