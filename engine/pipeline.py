@@ -27,10 +27,11 @@ prediction reached the collector (``t_pred_s``). ``latency_ms`` is their differe
 are ``track_ms`` (until the tracker closed the track), ``handoff_ms`` (features, files, clip
 store, until the clip was queued), ``queue_ms`` (dispatcher queue, until sent to a worker),
 ``worker_wait_ms`` (micro-batching in the worker), ``compute_ms`` (preprocessing excluded:
-the model's batch) and ``trip_ms`` (to the worker and back: sockets, threads, decoding and
-preprocessing; the dispatcher's round trip less the time the worker says it held the clip). The manifest's ``latency`` summarises them over the cells after warm-up:
-cells whose track closed before the workers first caught up with the queue (model loading,
-first-batch compilation) are left out and counted as ``n_warmup``.
+the model's batch) and ``trip_ms`` (to the worker and back: sockets, threads and decoding; the
+dispatcher's round trip less the time the worker says it held the clip). The manifest's
+``latency`` summarises them over the cells after warm-up: cells whose track closed before
+the workers first caught up with the queue (model loading, first-batch compilation) are left
+out and counted as ``n_warmup``.
 """
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ from ..errors import DetectError
 from ..features import compute_features
 from ..types import Blob, CellClip, ChipGeometry, Frame, TrackStatus
 from ._kernels import EDGE_FACTOR
-from .remnants import EdgeRemnants
 from .assign import Assigner
 from .predict import TrackState, make_predictor
+from .remnants import EdgeRemnants
 
 __all__ = ["PyLinker"]
 
