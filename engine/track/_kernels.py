@@ -230,6 +230,25 @@ def record(ts, i, fi, t_ns, image, cx, cy, b0, b1, b2, b3, area, B, j, seen, P, 
     return row
 
 
+#: How far behind its last position a track may find its cell, as a share of the typical cell
+#: diameter (at least tracker.max_back_px): cells never flow backwards, but the centroid of a
+#: large cell that deforms while it waits at the constriction's mouth can step back by more
+#: than 2 px (45 px cells: 2-3 px), and a fixed allowance then broke its track in two.
+BACK_FRACTION = 0.1
+
+
+def back_allowance_py(max_back: float, cell_area: float) -> float:
+    """:func:`back_allowance` for the plain-Python linker (the same arithmetic)."""
+    return max(max_back, BACK_FRACTION * math.sqrt(4.0 * cell_area / math.pi))
+
+
+@njit(cache=True, nogil=True)
+def back_allowance(P):
+    """The backwards step allowed this frame [px]: ``tracker.max_back_px``, or
+    ``BACK_FRACTION`` of the diameter of the typical tracked cell when that is more."""
+    return max(P[P_BACK], BACK_FRACTION * math.sqrt(4.0 * P[P_CELLAREA] / math.pi))
+
+
 #: A cell leaving on the right is gone once the part of it predicted to be still in view in
 #: the next frame is under EDGE_FACTOR x frontend.min_area: its track ends with the frame in
 #: which it was last seen (engine.track.linker_py.PyLinker._gone_right).
@@ -371,7 +390,7 @@ def step(stage, ts, n, fi, t_ns, image, B, m, fld, P, I, wi, wf, btrack, links, 
     if stage == 0:
         gate = P[P_GATE]
         growth = P[P_GROWTH]
-        max_back = P[P_BACK]
+        max_back = back_allowance(P)
         order = np.argsort(B[:m, B_CX], kind="mergesort")
         nl = 0
         for i in range(n):

@@ -514,7 +514,8 @@ class Linker:
             if not (wider or bigger):
                 if owner is None and len(members) == 1:
                     i = members[0]
-                    back = self.max_back + (_SHARE_PX if rows[i][K.T_INFERRED] else 0.0)
+                    back = (K.back_allowance_py(self.max_back, float(self._P[K.P_CELLAREA]))
+                            + (_SHARE_PX if rows[i][K.T_INFERRED] else 0.0))
                     if b.cx - rows[i][K.T_X] >= -back:
                         track_blob[i] = j
                         blob_track[j] = i

@@ -19,7 +19,7 @@ from ..clips import BufferPool, ClipCutter, ClipRecorder, _cut_clamped
 from ..errors import DetectError
 from ..features import compute_features
 from ..types import Blob, CellClip, ChipGeometry, Frame, TrackStatus
-from ._kernels import EDGE_FACTOR
+from ._kernels import EDGE_FACTOR, back_allowance_py
 from .assign import Assigner
 from .predict import TrackState, make_predictor
 from .remnants import EdgeRemnants
@@ -172,7 +172,8 @@ class PyLinker:
         order = sorted(range(len(blobs)), key=lambda j: blobs[j].cx)
         xs = [blobs[j].cx for j in order]
         predict = self.predictor.predict
-        gate, growth, max_back = self.gate, self.gate_growth, self.max_back
+        gate, growth = self.gate, self.gate_growth
+        max_back = back_allowance_py(self.max_back, self._cell_area)
         for i, tr in enumerate(tracks):
             s = tr.state
             px, py = predict(s, fi)
@@ -418,7 +419,8 @@ class PyLinker:
             if not (wider or bigger):
                 if owner is None and len(members) == 1:
                     i = members[0]
-                    back = self.max_back + (_SHARE_PX if tracks[i].inferred else 0.0)
+                    back = (back_allowance_py(self.max_back, self._cell_area)
+                            + (_SHARE_PX if tracks[i].inferred else 0.0))
                     if b.cx - tracks[i].state.x >= -back:
                         track_blob[i] = j
                         blob_track[j] = i
