@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -413,10 +414,18 @@ def _check(value: Any, hint: Any, meta: Mapping[str, Any], name: str) -> Any:
         _bounds(value, meta, name)
         return value
     if hint is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)               # YAML reads `1` as a number (a CPU list, a name)
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
+        if name.endswith("worker_cpus") and not _CPU_SPEC.fullmatch(value.strip()):
+            raise ConfigError(f"{name}: {value!r} is not 'auto', 'none' or a CPU list such "
+                              "as '1', '0,2' or '4-7'")
         return value
     raise ConfigError(f"{name}: unsupported config type {hint!r}")  # a developer error
+
+
+_CPU_SPEC = re.compile(r"auto|none|\d+(-\d+)?( *, *\d+(-\d+)?)*")
 
 
 def _bounds(value: float, meta: Mapping[str, Any], name: str) -> None:

@@ -645,7 +645,9 @@ class Dispatcher:
                 "compute_ms": float(h.get("compute_ms", float("nan"))),
                 # to the worker and back (both sockets, both threads), apart from the time
                 # the worker held the clip: clock-independent, so right for remote workers
-                "trip_ms": (now - e.t_sent) * 1e3 - float(h.get("held_ms", float("nan"))),
+                # (only for a clip sent once: after a resend, the answer may be the first's)
+                "trip_ms": ((now - e.t_sent) * 1e3 - float(h.get("held_ms", float("nan")))
+                            if e.attempts == 1 else float("nan")),
                 "attempts": e.attempts})
         self._deliver(pred, seq, worker=h.get("worker", ""))
 
@@ -799,9 +801,9 @@ def parse_cpus(spec: str) -> list[int]:
     try:
         for part in str(spec).split(","):
             part = part.strip()
-            lo, _, hi = part.partition("-")
-            a, b = int(lo), int(hi) if hi else int(lo)
-            if a < 0 or b < a:
+            lo, dash, hi = part.partition("-")
+            a, b = int(lo), int(hi) if dash else int(lo)
+            if a < 0 or b < a or b - a > 4096:
                 raise ValueError(part)
             out.update(range(a, b + 1))
     except ValueError:
@@ -859,10 +861,17 @@ def pin_to(cpus: Sequence[int]) -> None:
         CPUs this process may not use.
     """
     from .errors import ConfigError
+    want = set(cpus)
     try:
-        os.sched_setaffinity(0, set(cpus))
+        os.sched_setaffinity(0, want)
+        got = os.sched_getaffinity(0)
+    except AttributeError:
+        raise ConfigError("pinning to CPUs needs Linux (os.sched_setaffinity)") from None
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot run on CPUs {list(cpus)}: {exc}") from None
+        raise ConfigError(f"cannot run on CPUs {sorted(want)}: {exc}") from None
+    if got != want:                 # Linux keeps the valid ones of a partly invalid list
+        raise ConfigError(f"cannot run on CPUs {sorted(want - got)} (not available here; "
+                          f"running on {sorted(got)})")
 
 
 def worker_threads(n_workers: int, reserve: int = 0) -> int:
@@ -903,9 +912,15 @@ def spawn_workers(model_path: str | os.PathLike, endpoint: str, n: int, *,
         if cpus:
             cmd += ["--cpus", ",".join(map(str, cpus))]
         cmd += list(extra_args)
-        procs.append(subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL if quiet else None, start_new_session=True))
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL if quiet else None,
+                                start_new_session=True)
+        if cpus:
+            try:                  # at once from here too: threads it starts before its own
+                os.sched_setaffinity(proc.pid, set(cpus))   # --cpus call land there as well
+            except (AttributeError, OSError):
+                pass              # it pins itself (and says why if it cannot)
+        procs.append(proc)
     return procs
 
 

@@ -62,12 +62,12 @@ def _conv(x: torch.Tensor, t: int, h: int, w: int, conv: nn.Conv3d,
     ``(N * t, C, h, w)``; returns the output frames ``(N * t', C', h', w')`` and ``t', h',
     w'``. The batch norm is folded into the weights, so the graph has one convolution (and
     for ``kt > 1`` with the output-side sum, the bias comes after the sum)."""
-    kt, kh, kw = conv.kernel_size
-    st, sh, sw = conv.stride
-    pt, ph, pw = conv.padding
     if conv.groups != 1 or tuple(conv.dilation) != (1, 1, 1) or isinstance(conv.padding, str):
         raise ValueError(f"FrameMajor: {conv} (groups, dilation or string padding) is not "
                          f"supported")
+    kt, kh, kw = conv.kernel_size
+    st, sh, sw = conv.stride
+    pt, ph, pw = conv.padding
     h2, w2 = _out(h, kh, sh, ph), _out(w, kw, sw, pw)
     weight, bias = _folded(conv, bn)                           # (Co, Ci, kt, kh, kw), (Co,)
     if kt == 1 and st == 1 and pt == 0:
@@ -133,8 +133,9 @@ class FrameMajor(nn.Module):
     def _stem(self, m: Stem, x, t, h, w):
         y, t, h, w = self._conv(x, t, h, w, m.conv, m.bn)
         y = F.relu(y)
-        y = F.max_pool2d(y, m.pool.kernel_size[1:], m.pool.stride[1:], m.pool.padding[1:])
-        return y, t, _out(h, 3, 2, 1), _out(w, 3, 2, 1)
+        (_, kh, kw), (_, sh, sw), (_, ph, pw) = m.pool.kernel_size, m.pool.stride, m.pool.padding
+        y = F.max_pool2d(y, (kh, kw), (sh, sw), (ph, pw))
+        return y, t, _out(h, kh, sh, ph), _out(w, kw, sw, pw)
 
     def _block(self, m: nn.Module, x, t, h, w):
         if isinstance(m, BasicBlock):

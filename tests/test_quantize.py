@@ -206,6 +206,18 @@ def test_fmh_export_int8(ckpt, tmp_path, capsys):
     assert "INT8 copy" in meta["trained_on"] and "fp32 model's" in meta["trained_on"]
     np.save(tmp_path / "c.npy", reference_clips(ckpt.config, n=3))
     int8.unlink()
+    assert fmh(["export", str(path), "--onnx", str(int8), "--int8-onnx", str(int8),
+                "--calibration", str(tmp_path / "c.npy")]) == 2          # one file for both
+    assert "is the --onnx file" in capsys.readouterr().err
+    assert fmh(["export", str(path), "--onnx", str(fp32), "--calibration",
+                str(tmp_path / "c.npy")]) == 2                           # nothing uses them
+    assert "--calibration is for --int8-onnx" in capsys.readouterr().err
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 1, 8, 32, 32), np.float32))
+    other = tmp_path / "other.onnx"
+    assert fmh(["export", str(path), "--onnx", str(other), "--int8-onnx", str(int8),
+                "--calibration", str(tmp_path / "wrong.npy")]) == 2
+    assert "shape (2, 1, 8, 32, 32)" in capsys.readouterr().err
+    assert not other.exists() and not int8.exists()          # checked before any writing
     assert fmh(args + ["--calibration", str(tmp_path / "c.npy"), "--int8-tolerance", "1e-9"]) == 2
     assert "INT8 check failed" in capsys.readouterr().err and not int8.exists()
 

@@ -254,8 +254,13 @@ def test_cpus_split_between_front_end_and_workers(monkeypatch):
     monkeypatch.setattr(dispatch.os, "sched_getaffinity", lambda pid: {3})
     assert dispatch.split_cpus(1) is None                # nothing to split
     assert dispatch.parse_cpus("4-6, 1,5") == [1, 4, 5, 6]
-    with pytest.raises(ConfigError, match="'3-1'"):
-        dispatch.parse_cpus("3-1")
+    for bad in ("3-1", "1-", "0-99999999"):
+        with pytest.raises(ConfigError, match="CPU list"):
+            dispatch.parse_cpus(bad)
+    # the config takes a number for a single CPU and rejects anything else by name
+    assert load_config(None, ["serving.worker_cpus=1"]).serving.worker_cpus == "1"
+    with pytest.raises(ConfigError, match="serving.worker_cpus: 'Auto' is not 'auto'"):
+        load_config(None, ["serving.worker_cpus=Auto"])
 
 
 def test_fmh_serve_cpus_pins_the_worker_or_names_the_bad_list(model, tmp_path):

@@ -49,6 +49,7 @@ def add_arguments(p) -> None:
                    default="minmax", help="how INT8 activation ranges are set [minmax]")
     p.add_argument("--int8-tolerance", type=float, default=0.1,
                    help="largest allowed INT8 vs PyTorch |p(positive) difference| [0.1]")
+    # (export.quantize.INT8_PROB_TOLERANCE; not imported here: that module needs torch)
     p.add_argument("--int8-reduce-range", action="store_true",
                    help="7-bit INT8 weights (x86 CPUs without VNNI can saturate 8-bit ones)")
     p.add_argument("--tolerance", type=float, default=1e-4,
@@ -82,6 +83,10 @@ def run(args) -> int:
         raise ConfigError("--precision int8 needs --calibration clips (stores or a .npy)")
     if args.int8_onnx and not args.calibration:
         raise ConfigError("--int8-onnx needs --calibration clips (stores or a .npy)")
+    if args.int8_onnx and Path(args.int8_onnx).resolve() == Path(args.onnx).resolve():
+        raise ConfigError(f"--int8-onnx {args.int8_onnx} is the --onnx file: give it its own")
+    if args.calibration and not (args.int8_onnx or (args.trt and args.precision == "int8")):
+        raise ConfigError("--calibration is for --int8-onnx or --trt with --precision int8")
     if args.calibration_clips < 1:
         raise ConfigError(f"--calibration-clips {args.calibration_clips}: must be >= 1")
     if not args.int8_tolerance > 0:
@@ -153,6 +158,10 @@ def _calibration(args, ckpt):
             clips = np.load(npy[0], allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--calibration {npy[0]}: not a readable .npy ({exc})") from None
+        want = tuple(ckpt.config.input_shape)
+        if clips.ndim != 5 or tuple(clips.shape[1:]) != want or not len(clips):
+            raise ConfigError(f"--calibration {npy[0]}: clips of shape {clips.shape}, expected "
+                              f"(n >= 1, {', '.join(map(str, want))}) for this model")
         return clips, clips
     both = calibration_from_stores(paths, metadata_for(ckpt), n=2 * args.calibration_clips)
     if len(both) < 2:

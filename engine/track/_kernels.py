@@ -501,6 +501,8 @@ def step(stage, ts, n, fi, t_ns, image, B, m, fld, P, I, wi, wf, btrack, links, 
             ts[i, T_BY1] = wf[i, W_B0 + 3]
             ts[i, T_MISSES] = 0.0
             ts[i, T_XMAX] = max(ts[i, T_XMAX], cx)
+            if wf[i, W_B0 + 2] >= exit_x:      # carried out to the exit: it has exited
+                ts[i, T_EXITED] = 1.0
             if not tail:
                 wi[i, W_ROW] = record(ts, i, fi, t_ns, image, cx, cy, wf[i, W_B0],
                                       wf[i, W_B0 + 1], wf[i, W_B0 + 2], wf[i, W_B0 + 3], 0.0,

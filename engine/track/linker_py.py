@@ -253,6 +253,8 @@ class PyLinker:
                 tr.box = box
                 tr.misses = 0
                 tr.x_max = max(tr.x_max, cx)
+                if box[2] >= exit_x:          # carried out to the exit: it has exited
+                    tr.exited_edge = True
                 if not tr.tail:       # seen, only not measured alone
                     rec = tr.rec
                     self._cut(image, cx, cy, box, rec)
