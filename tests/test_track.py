@@ -559,6 +559,39 @@ def test_a_sliver_too_small_to_be_seen_again_ends_the_track_with_its_frame(cfg):
     assert closed == [k], (closed, k)
 
 
+def test_a_cell_carried_out_to_the_exit_in_a_shared_blob_has_exited(cfg):
+    """Two cells that touch near the outlet share one blob (each track is carried with it)
+    out to the right edge, where the blob is no longer shared out and both tracks end. Each
+    must end as an exit (a complete clip), though neither was seen alone at the edge, and
+    what is left of them is absorbed. (The trailing cell's clip loses its last frames at the
+    image edge; before the tracks ended at once there, both ended as "lost mid-channel".)"""
+    from engine.track.linker_py import PyLinker
+    g = geometry()
+    lead, trail = entering(0, 0, 60.0), entering(1, 8, 90.0)     # told apart by y at the inlet
+    per_frame = simulate(g, [lead, trail], 400)
+    merged = 0
+    for f, bl in enumerate(per_frame):
+        if len(bl) == 2 and max(b.bbox[2] for b in bl) >= g.width - 110:
+            a, b = sorted(bl, key=lambda b: b.cx)
+            box = (a.bbox[0], min(a.bbox[1], b.bbox[1]), b.bbox[2], max(a.bbox[3], b.bbox[3]))
+            per_frame[f] = [Blob(f, (a.cx * a.area + b.cx * b.area) / (a.area + b.area), 75.0,
+                                 a.area + b.area, box, perimeter=a.perimeter + b.perimeter,
+                                 deform=0.3)]
+            merged += 1
+    assert merged > 3
+    for linker_cls in (Linker, PyLinker):
+        linker, clips = linker_cls(cfg, g), []
+        img = np.zeros((g.height, g.width), np.uint8)
+        for f, blobs in enumerate(per_frame):
+            clips += linker.next_level(Frame(f, 1000 * f, img), blobs)
+        clips += linker.flush()
+        owners, switches, per_cell = score(clips, [lead, trail], tol=2.0)   # exact positions
+        got = [(c.status, c.reason, o) for c, o in zip(clips, owners)]
+        assert sorted(owners) == [0, 1], (linker_cls.__name__, got)
+        assert all(c.status is TrackStatus.COMPLETE for c in clips), (linker_cls.__name__, got)
+        assert linker.stats["remnants"] > 0
+
+
 def test_a_large_cell_stepping_back_at_the_constriction_keeps_its_track(cfg):
     """Cells never flow backwards, but the centroid of a large cell that deforms while it
     waits at the constriction's mouth can step back by more than tracker.max_back_px (2 px):
