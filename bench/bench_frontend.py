@@ -100,7 +100,7 @@ def time_ours(cfg, frames, prime) -> dict:
     f = cfg.frontend
     runs = np.empty((frames[0].size // 2 + 16, 3), np.int64)
     rl = np.empty(runs.shape[0], np.int64)
-    chunk = np.empty((frames.shape[2] + 31) // 32, np.uint8)
+    rowbuf = np.empty((frames.shape[2] + 7) // 8 * 8, np.uint8)
     stats = np.empty((4096, K.NSTAT), np.float64)
     thr = int(f.fg_threshold * bg.kernel_sum ** 2)
     margin = f.roi_margin + len(fe.kernel) // 2
@@ -109,15 +109,15 @@ def time_ours(cfg, frames, prime) -> dict:
         fe.process(Frame(i, 0, frames[i]))
 
     def thr_only(i, im):
-        K.threshold_runs(im, bg.lo, bg.hi, off, runs, chunk)
+        K.threshold_runs(im, bg.lo, bg.hi, off, runs, rowbuf)
 
     def thr_label(i, im):
-        n = K.threshold_runs(im, bg.lo, bg.hi, off, runs, chunk)
+        n = K.threshold_runs(im, bg.lo, bg.hi, off, runs, rowbuf)
         K.label_runs(runs, n, True, rl)
 
     def fused(i, im):
         K.detect_frame(im, bg.lo, bg.hi, bg.lo_w, bg.hi_w, bg.smooth_scaled, fe.kernel, thr, thr, off, margin,
-                       f.seed_min_px, True, runs, rl, chunk, stats, K.PERIM_WEIGHTS,
+                       f.seed_min_px, True, runs, rl, rowbuf, stats, K.PERIM_WEIGHTS,
                        f.fill_holes, fe._split_area(), f.split_neck_ratio)
 
     t_thr = _time(thr_only, frames)

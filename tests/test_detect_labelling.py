@@ -119,7 +119,7 @@ def _fused(image, bg=100, seed=20, low=10, split_area=0, margin=3):
     stats = np.empty((H * W + 1, K.NSTAT), np.float64)
     n = K.detect_frame(image, lo, hi, lo_w, hi_w, np.zeros((H, W), np.int64),
                        np.ones(1, np.int64), 1, 1, np.int16(0), margin, 1, True, runs,
-                       np.empty(H * W + 1, np.int64), np.empty((W + 31) // 32, np.uint8),
+                       np.empty(H * W + 1, np.int64), np.empty((W + 7) // 8 * 8, np.uint8),
                        stats, K.PERIM_WEIGHTS, False, split_area, 0.6)
     out = np.empty((n, K.NFIN), np.float64)
     K.finish_stats(stats, n, out)
@@ -275,7 +275,7 @@ def test_one_call_frame_kernel_equals_its_parts():
             fin = np.empty((4096, K.NFIN))
             kept = K.detect_blobs(img, bg.lo, bg.hi, bg.lo_w, bg.hi_w, bg.smooth_scaled,
                                   bg.rounded, fe.kernel, prm, fe._runs, fe._run_label,
-                                  fe._chunk, np.empty((4096, K.NSTAT)), K.PERIM_WEIGHTS,
+                                  fe._rowbuf, np.empty((4096, K.NSTAT)), K.PERIM_WEIGHTS,
                                   np.empty(511, np.int64), fin, res)
             off = K.illumination_offset(img, bg.rounded, int(prm[1]), int(prm[2]),
                                         np.empty(511, np.int64))
@@ -283,7 +283,7 @@ def test_one_call_frame_kernel_equals_its_parts():
             n = K.detect_frame(img, bg.lo, bg.hi, bg.lo_w, bg.hi_w, bg.smooth_scaled,
                                fe.kernel, int(prm[3]), int(prm[4]), np.int16(off),
                                int(prm[5]), f.seed_min_px, True, fe._runs, fe._run_label,
-                               fe._chunk, stats, K.PERIM_WEIGHTS, f.fill_holes, int(prm[8]),
+                               fe._rowbuf, stats, K.PERIM_WEIGHTS, f.fill_holes, int(prm[8]),
                                f.split_neck_ratio)
             out = np.empty((max(n, 1), K.NFIN))
             k2, merged, small, large = K.finalize(stats, n, f.rejoin, f.rejoin_max_gap,
@@ -309,3 +309,28 @@ def test_recent_areas_window_and_median_equal_numpy():
         assert count == ref.size and np.array_equal(buf[:count], ref)
         assert med == float(np.median(ref))
     assert count == 256
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2 ** 32 - 1), st.integers(-300, 300))
+def test_threshold_runs_equal_the_mask_of_the_comparison(seed, off):
+    """The seeds' pass (rows tested whole, then masked and scanned by 8-byte words) gives
+    the runs of ``(img - off < lo) | (img - off > hi)``, in raster order, for any width
+    (ragged last word included), sparse or dense foreground, and bounds beyond 0..255."""
+    from engine.detect import _kernels as K
+    rng = np.random.default_rng(seed)
+    H, W = int(rng.integers(1, 12)), int(rng.integers(1, 140))
+    bg = rng.uniform(-20, 280) + rng.normal(0, rng.uniform(0, 60), (H, W))
+    t = float(rng.uniform(1, 30))
+    lo = np.ceil(bg - t).clip(-32768, 32767).astype(np.int16)
+    hi = np.floor(bg + t).clip(-32768, 32767).astype(np.int16)
+    if rng.random() < 0.2:                     # one polarity switched off
+        (lo if rng.random() < 0.5 else hi)[:] = -32768 if rng.random() < 0.5 else 32767
+    img = (bg + rng.normal(0, rng.uniform(0, 2) * t, (H, W))).clip(0, 255).astype(np.uint8)
+    off = int(np.clip(off, -255, 255))
+    runs = np.empty((H * W + 1, 3), np.int64)
+    n = K.threshold_runs(img, lo, hi, np.int16(off), runs, np.empty((W + 7) // 8 * 8, np.uint8))
+    v = img.astype(np.int64) - off
+    mask = ((v < lo) | (v > hi)).astype(np.uint8)
+    ref = np.empty_like(runs)
+    assert np.array_equal(runs[:n], ref[:K.mask_runs(mask, ref)])

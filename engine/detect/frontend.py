@@ -98,7 +98,7 @@ class FrontEnd:
         self._fin = np.empty((256, K.NFIN), np.float64)
         self._res = np.zeros(5, np.int64)
         self._prm = np.zeros(16, np.float64)
-        self._chunk = np.empty(1, np.uint8)
+        self._rowbuf = np.empty(8, np.uint8)
         self._hist = np.empty(511, np.int64)
         self._step = (8, 16)
         self._since_commit = 0
@@ -162,7 +162,7 @@ class FrontEnd:
             bg.prime_frames_with_cells = self.bg.prime_frames_with_cells
         self.bg = bg
         H, W = image.shape
-        self._chunk = np.empty((W + 31) // 32, np.uint8)
+        self._rowbuf = np.empty((W + 7) // 8 * 8, np.uint8)
         # about 1000 samples on a regular grid for the illumination offset
         sy = max(1, int(round(math.sqrt(H * W / 1000.0) / 1.4)))
         self._step = (sy, max(1, int(round(H * W / 1000.0 / sy))))
@@ -408,7 +408,7 @@ class FrontEnd:
         while True:
             kept = K.detect_blobs(image, bg.lo, bg.hi, bg.lo_w, bg.hi_w, bg.smooth_scaled,
                                   bg.rounded, self.kernel, self._prm, self._runs,
-                                  self._run_label, self._chunk, self._stats, K.PERIM_WEIGHTS,
+                                  self._run_label, self._rowbuf, self._stats, K.PERIM_WEIGHTS,
                                   self._hist, self._fin, self._res)
             if kept >= 0:
                 break
