@@ -321,6 +321,31 @@ def test_rejoin_gap_grows_with_the_typical_cell():
     assert len(small.process(Frame(0, 0, split))) == 2
 
 
+
+def test_rejoin_gap_follows_the_box_of_cells_seen_as_outlines():
+    """A large cell whose centre is as bright as the background is detected as its outline
+    only (a ring of about 390 px for a 45 px cell, the area of a 22 px disc): the re-join
+    gap follows the typical box (45 px across), so its top and bottom arcs 13 px apart are
+    still one cell (an area-based gap, 7 px, left two blobs and broke the cell's track)."""
+    cfg = load_config(overrides=["frontend.static_frames=0", "frontend.illumination=false",
+                                 "frontend.fill_holes=false"])
+    H, W = 100, 200
+    bg = np.full((H, W), 150, np.uint8)
+    yy, xx = np.mgrid[:H, :W]
+    r = np.hypot(xx - 100, yy - 50)
+    ring = (r >= 19) & (r <= 22)
+    fe = FrontEnd(cfg, background=bg)
+    outline = bg.copy()
+    outline[ring] = 120
+    for i in range(20):
+        blobs = fe.process(Frame(i, 0, outline))
+        assert len(blobs) == 1 and blobs[0].area < 420
+    split = bg.copy()
+    split[ring & (np.abs(yy - 50) > 6)] = 120
+    blobs = fe.process(Frame(20, 0, split))
+    assert len(blobs) == 1, [(b.bbox, b.area) for b in blobs]
+    assert abs(blobs[0].cy - 50) < 0.5
+
 def test_touching_cells_are_cut_at_the_neck():
     cfg = load_config(overrides=["frontend.static_frames=0"])
     H, W = 100, 300

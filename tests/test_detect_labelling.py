@@ -263,7 +263,8 @@ def test_one_call_frame_kernel_equals_its_parts():
     fe = FrontEnd(cfg)
     fe.prime(frames)
     fe._area_buf[:64] = 600.0               # typical cell size known: splits and re-joins on
-    fe._n_areas, fe._typical = 64, 600.0
+    fe._diam_buf[:64] = 28.0
+    fe._n_areas, fe._typical, fe._typical_diam = 64, 600.0, 28.0
     fe._set_params()
     bg, prm = fe.bg, fe._prm
     f = cfg.frontend
@@ -296,18 +297,28 @@ def test_one_call_frame_kernel_equals_its_parts():
     assert checked > 50
 
 
-def test_recent_areas_window_and_median_equal_numpy():
-    """push_areas keeps the last 256 areas in order and gives np.median of them."""
+def test_recent_sizes_window_and_medians_equal_numpy():
+    """push_sizes keeps the last 256 areas and box diameters in order and gives np.median of
+    each window."""
     from engine.detect import _kernels as K
     rng = np.random.default_rng(2)
-    buf, count, ref = np.zeros(256), 0, np.zeros(0)
+    abuf, dbuf, count = np.zeros(256), np.zeros(256), 0
+    ref_a, ref_d = np.zeros(0), np.zeros(0)
     for step in range(120):
         fin = np.zeros((int(rng.integers(1, 9)), K.NFIN))
         fin[:, K.F_AREA] = rng.integers(50, 2000, fin.shape[0])
-        count, med = K.push_areas(buf, count, fin)
-        ref = np.r_[ref, fin[:, K.F_AREA]][-256:]
-        assert count == ref.size and np.array_equal(buf[:count], ref)
-        assert med == float(np.median(ref))
+        fin[:, K.F_X0] = rng.integers(0, 700, fin.shape[0])
+        fin[:, K.F_X1] = fin[:, K.F_X0] + rng.integers(1, 90, fin.shape[0])
+        fin[:, K.F_Y0] = rng.integers(0, 100, fin.shape[0])
+        fin[:, K.F_Y1] = fin[:, K.F_Y0] + rng.integers(1, 50, fin.shape[0])
+        count, med_a, med_d = K.push_sizes(abuf, dbuf, count, fin)
+        ref_a = np.r_[ref_a, fin[:, K.F_AREA]][-256:]
+        diam = np.sqrt((fin[:, K.F_X1] - fin[:, K.F_X0]) * (fin[:, K.F_Y1] - fin[:, K.F_Y0]))
+        ref_d = np.r_[ref_d, diam][-256:]
+        assert count == ref_a.size and np.array_equal(abuf[:count], ref_a)
+        assert np.allclose(dbuf[:count], ref_d, rtol=0, atol=1e-12)
+        assert med_a == float(np.median(ref_a))
+        assert med_d == pytest.approx(float(np.median(ref_d)), abs=1e-12)
     assert count == 256
 
 

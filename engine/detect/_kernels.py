@@ -1395,22 +1395,31 @@ def detect_blobs(img, lo, hi, lo_w, hi_w, bg_s, bgi, kern, prm, runs, run_label,
     return kept
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _median_sorted(s, count):
+    h = count // 2
+    return s[h] if count % 2 == 1 else (s[h - 1] + s[h]) / 2.0
+
+
 @njit(cache=True, nogil=True)
-def push_areas(buf, count, fin):
-    """Append the areas of the finished rows ``fin`` to the window ``buf[:count]`` of the
-    most recent areas (at most ``len(buf)``, oldest dropped first); returns the new count
-    and the window's median (``np.median``: the mean of the two middle values when even).
-    """
-    cap = buf.shape[0]
+def push_sizes(abuf, dbuf, count, fin):
+    """Append the areas of the finished rows ``fin`` to the window ``abuf[:count]`` of the
+    most recent areas, and their box diameters ``sqrt(width x height)`` to ``dbuf`` (at most
+    ``len(abuf)`` each, oldest dropped first); returns the new count and the two windows'
+    medians (``np.median``: the mean of the two middle values when even).
+
+    The box diameter is the cell's size also when only its outline is detected (a ring's
+    area says little about how far apart two arcs of it can be)."""
+    cap = abuf.shape[0]
     n = fin.shape[0]
     for i in range(n):
         if count == cap:
             for k in range(cap - 1):
-                buf[k] = buf[k + 1]
+                abuf[k] = abuf[k + 1]
+                dbuf[k] = dbuf[k + 1]
             count -= 1
-        buf[count] = fin[i, F_AREA]
+        abuf[count] = fin[i, F_AREA]
+        dbuf[count] = math.sqrt((fin[i, F_X1] - fin[i, F_X0]) * (fin[i, F_Y1] - fin[i, F_Y0]))
         count += 1
-    s = np.sort(buf[:count])
-    h = count // 2
-    med = s[h] if count % 2 == 1 else (s[h - 1] + s[h]) / 2.0
-    return count, med
+    return (count, _median_sorted(np.sort(abuf[:count]), count),
+            _median_sorted(np.sort(dbuf[:count]), count))

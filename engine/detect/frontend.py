@@ -105,8 +105,10 @@ class FrontEnd:
         self._prev = (np.zeros((0, K.NFIN)), np.zeros(0, np.int64), np.zeros((0, 2)))
         self._sites = np.zeros((0, 4))            # static debris: cx, cy, area, last frame
         self._area_buf = np.zeros(256)            # the last 256 blob areas (typical cell size)
+        self._diam_buf = np.zeros(256)            # and their box diameters
         self._n_areas = 0
         self._typical = 0.0
+        self._typical_diam = 0.0
         self._gain_split: tuple | None = None     # (background key, dark/bright split level)
         self._gain_fits: list = []
         self._gain_hist = np.zeros((4, 256), np.int64)
@@ -420,7 +422,8 @@ class FrontEnd:
             self.stats["dropped_small"] += int(res[2])
             self.stats["dropped_large"] += int(res[3])
         if kept and (self._n_areas < 64 or index % 16 == 0):
-            self._n_areas, self._typical = K.push_areas(self._area_buf, self._n_areas, fin)
+            self._n_areas, self._typical, self._typical_diam = K.push_sizes(
+                self._area_buf, self._diam_buf, self._n_areas, fin)
             self._prm[8] = self._split_area()
             self._prm[14] = self._rejoin_cap()
             self._prm[11] = self._rejoin_gap()
@@ -436,12 +439,14 @@ class FrontEnd:
 
     def _rejoin_gap(self) -> float:
         """Widest gap [px] between the boxes of two parts of one cell that are re-joined:
-        ``rejoin_max_gap``, or a third of the typical cell's diameter when that is larger
-        (the outline of a 45 px cell leaving the constriction breaks into arcs 11 px apart)."""
+        ``rejoin_max_gap``, or a third of the typical blob's box diameter when that is larger
+        (the outline of a 45 px cell entering or leaving the constriction breaks into a top
+        and a bottom arc 11-12 px apart). The box, not the area: where only the outline of
+        a cell is detected, its area gives the diameter of a much smaller disc."""
         gap = float(self._f.rejoin_max_gap)
         if self._n_areas < 16:
             return gap
-        return max(gap, math.sqrt(4.0 * self._typical / math.pi) / 3.0)
+        return max(gap, self._typical_diam / 3.0)
 
     def _split_area(self) -> int:
         """Blobs larger than this [px²] are checked for a neck (two touching cells):
