@@ -176,19 +176,51 @@ def test_fused_kernel_perimeter_after_a_neck_cut():
                                    err_msg=c)
 
 
+
+@pytest.mark.parametrize("down", [True, False])
+def test_cells_touching_corner_to_corner_are_cut_on_the_diagonal(down):
+    """Two discs that touch along a diagonal have no neck across x or y (where they meet the
+    blob is as wide and as tall as either); the diagonal profile finds it, and the fused
+    kernel returns two blobs with the discs' centroids and areas."""
+    H, W = 70, 90
+    yy, xx = np.mgrid[:H, :W]
+    dy = 17 if down else -17
+    c1, c2 = (30, 35 - dy / 2), (53, 35 + dy / 2)       # 28.7 px apart, radius 14.5
+    d1 = (xx - c1[0]) ** 2 + (yy - c1[1]) ** 2 <= 14.5 ** 2
+    d2 = (xx - c2[0]) ** 2 + (yy - c2[1]) ** 2 <= 14.5 ** 2
+    mask = d1 | d2
+    lab, n = label(mask)
+    assert n == 1
+    xs = np.nonzero(mask)[1]
+    for x in range(xs.min() + 5, xs.max() - 5):        # no neck across x: every column
+        col = np.nonzero(mask[:, x])[0]                 # at least 60 % of the tallest
+        assert col.max() - col.min() + 1 >= 0.6 * 29
+    image = np.where(mask, 30, 100).astype(np.uint8)
+    got = _fused(image, split_area=int(mask.sum() * 0.6))
+    assert got.shape[0] == 2, got[:, [COL["cx"], COL["cy"], COL["area"]]]
+    for row, c, d in zip(got[np.argsort(got[:, COL["cx"]])], (c1, c2), (d1, d2)):
+        assert abs(row[COL["cx"]] - c[0]) < 1.5 and abs(row[COL["cy"]] - c[1]) < 1.5
+        assert abs(row[COL["area"]] - d.sum()) < 0.1 * d.sum()
+
 # -- the kernels the per-frame pass uses instead of their label-image versions -------------
 
 def _touching_blobs(rng, H=70, W=110):
-    """Chains of 1-3 touching or nearly touching ellipses, ragged (necks of every depth)."""
+    """Chains of 1-3 touching or nearly touching ellipses along x, y or a diagonal, ragged
+    (necks of every depth)."""
     yy, xx = np.mgrid[:H, :W]
     mask = np.zeros((H, W), bool)
-    horizontal = rng.random() < 0.5
+    kind = rng.integers(0, 4)             # a row, a column, or down / up a diagonal
     c0 = rng.uniform(20, 35)
     for k in range(int(rng.integers(1, 4))):
         a, b = rng.uniform(7, 14), rng.uniform(7, 14)
         step = c0 + k * rng.uniform(12, 28)
-        cx, cy = (step, H / 2 + rng.normal(0, 4)) if horizontal else (W / 2 + rng.normal(0, 4),
-                                                                        min(step, H - 8) * 0.6)
+        if kind == 0:
+            cx, cy = step, H / 2 + rng.normal(0, 4)
+        elif kind == 1:
+            cx, cy = W / 2 + rng.normal(0, 4), min(step, H - 8) * 0.6
+        else:
+            d = (step - 20) * 0.7
+            cx, cy = 20 + d * 1.2, (12 + d if kind == 2 else H - 12 - d)
         mask |= ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1
     return mask & (rng.random((H, W)) > rng.uniform(0, 0.25))
 
@@ -198,7 +230,8 @@ def test_neck_from_runs_equals_split_neck_on_the_label_image():
     on the painted label image, for every label of random touching blobs."""
     from engine.detect import _kernels as K
     found = tried = 0
-    for seed in range(60):
+    axes = set()
+    for seed in range(80):
         rng = np.random.default_rng(seed)
         mask = _touching_blobs(rng)
         lab, n = label(mask)
@@ -219,9 +252,13 @@ def test_neck_from_runs_equals_split_neck_on_the_label_image():
                 tried += 1
                 if a:
                     found += 1
-                    assert where_runs[0] == where_img[0]
-                    assert where_runs[1] == where_img[1] + (x0 if where_img[0] == 0 else y0)
+                    ax = int(where_img[0])
+                    axes.add(ax)
+                    shift = (x0, y0, x0 + y0, x0 - y0)[ax]
+                    assert where_runs[0] == ax
+                    assert where_runs[1] == where_img[1] + shift
     assert found >= 20 and tried - found >= 20, (found, tried)
+    assert {0, 1, 2, 3} <= axes, axes
 
 
 @settings(max_examples=150, deadline=None)
