@@ -144,6 +144,46 @@ def test_background_of_a_crowded_constriction():
     assert np.percentile(err, 99) <= 4.0, np.percentile(err, 99)
 
 
+
+def test_a_background_that_cells_never_uncovered_is_reported(caplog):
+    """A place where a cell sits in every priming sample, each time another one (a queue that
+    never clears) has no background estimate from the sequence: its pixels are reported
+    (count, box, a logged warning that names --background) and written to the manifest; a
+    channel whose cells move on reports nothing."""
+    import logging
+    H, W = 120, 300
+    yy, xx = np.mgrid[:H, :W]
+    rng = np.random.default_rng(3)
+
+    def frames(stuck: bool, n=60):
+        out = []
+        for k in range(n):
+            im = np.clip(150 + rng.normal(0, 1.5, (H, W)), 0, 255)
+            if k % 4 < 3:                                    # a cell passing in most samples
+                cx = 20 + 9 * k % (W - 40)
+                im[np.hypot(xx - cx, yy - 40) <= 12] = 110
+            if stuck:                                        # a different cell each time
+                r = np.hypot(xx - 200 - rng.integers(-6, 7), yy - 80 - rng.integers(-3, 4))
+                im[r <= rng.uniform(10, 13)] = rng.integers(90, 125)
+                im[r <= 5] = rng.integers(125, 140)
+            out.append(im.astype(np.uint8))
+        return out
+
+    cfg = load_config(overrides=["frontend.static_frames=0"])
+    fe = FrontEnd(cfg)
+    with caplog.at_level(logging.WARNING, logger="engine.detect.frontend"):
+        fe.prime(frames(stuck=True))
+    assert fe.bg.policy == "median-masked-pixels"
+    x0, y0, x1, y1 = fe.bg.uncertain_box
+    assert fe.bg.uncertain_px >= np.pi * 10 ** 2
+    assert x0 <= 192 and x1 >= 209 and y0 <= 72 and y1 >= 89
+    assert any("--background" in r.getMessage() for r in caplog.records)
+    m = fe.bg.manifest()
+    assert m["uncertain_px"] == fe.bg.uncertain_px and m["uncertain_box"] == [x0, y0, x1, y1]
+    clean = FrontEnd(cfg)
+    clean.prime(frames(stuck=False))
+    assert clean.bg.uncertain_px == 0 and clean.bg.manifest()["uncertain_box"] is None
+
 def test_mode_stack_is_the_densest_window():
     from engine.detect.background import mode_stack
     rng = np.random.default_rng(0)

@@ -171,6 +171,8 @@ class Background:
         self.image = np.ascontiguousarray(image, np.float32)
         self.prime_frames = 0
         self.prime_frames_with_cells = 0
+        self.uncertain_px = 0           # pixels covered by cells in nearly every prime sample
+        self.uncertain_box: tuple[int, int, int, int] | None = None
         self.noise_sd = float("nan")
         self.updates = 0
         self.samples = 0
@@ -251,6 +253,8 @@ class Background:
         """Policy and counters for the run's manifest."""
         return {"policy": self.policy, "prime_frames": self.prime_frames,
                 "prime_frames_with_cells": self.prime_frames_with_cells,
+                "uncertain_px": self.uncertain_px,
+                "uncertain_box": list(self.uncertain_box) if self.uncertain_box else None,
                 "noise_sd": None if math.isnan(self.noise_sd) else round(self.noise_sd, 3),
                 "seed_threshold": self.seed_threshold,
                 "updates": self.updates, "gain_rescales": self.rescales,

@@ -28,6 +28,7 @@ proportional to the cells in view.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -44,6 +45,8 @@ from .blobs import to_blobs
 from .geometry import find_geometry
 
 __all__ = ["FrontEnd"]
+
+log = logging.getLogger(__name__)
 
 _OFF = 1 << 62      # a threshold no difference reaches: switches one polarity off
 _GAIN_SAMPLES = 8   # gain fits averaged before the background is rescaled (_follow_gain)
@@ -196,6 +199,7 @@ class FrontEnd:
         boxes = self._sample_boxes(sample, idx)
         free = [im for im, bx in zip(sample, boxes) if not bx]
         n_cells = len(sample) - len(free)
+        uncertain = None
         if n_cells == 0:
             policy, bg, warn = "median-all-frames", median_stack(sample), 0
         elif len(free) >= max(3, len(sample) // 2):
@@ -203,15 +207,37 @@ class FrontEnd:
         else:
             # Crowded: each pixel's median leaves out the samples in which a cell covered it,
             # twice, the second time with the cells found against the first masked median.
-            bg = self._masked_median(sample, boxes, bg0)
+            bg, _ = self._masked_median(sample, boxes, bg0)
             self.set_background(bg, policy="median-masked-pixels", noise_sd=sd)
             boxes = self._sample_boxes(sample, idx)
-            bg = self._masked_median(sample, boxes, bg)
+            bg, n_free = self._masked_median(sample, boxes, bg)
             policy, warn = "median-masked-pixels", n_cells
+            uncertain = n_free < max(3, len(sample) // 10)
         sd = robust_noise_sd(free if free else sample, bg)
         self.set_background(bg, policy=policy, noise_sd=sd)
         self.bg.prime_frames = len(sample)
         self.bg.prime_frames_with_cells = warn
+        if uncertain is not None:
+            self._report_uncertain(uncertain)
+
+    def _report_uncertain(self, uncertain: np.ndarray) -> None:
+        """Record (and log) the pixels that blobs covered in more than 90 % of the priming
+        samples: their background is a guess (a queue of cells that never clears, or stuck
+        debris), and cells there may be missed or merged with it for as long as it lasts,
+        since the running mean leaves blobs out. Fewer than ``min_area`` such pixels are
+        noise and are not reported."""
+        n = int(uncertain.sum())
+        if n < self._f.min_area:
+            return
+        ys, xs = np.nonzero(uncertain)
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        self.bg.uncertain_px = n
+        self.bg.uncertain_box = box
+        log.warning("background: %d px in x %d-%d, y %d-%d were covered by cells in more "
+                    "than 90 %% of the %d priming samples, so their background is a guess "
+                    "and cells there may be missed; pass an image of the empty channel as "
+                    "--background IMAGE", n, box[0], box[2], box[1], box[3],
+                    self.bg.prime_frames)
 
     def _sample_boxes(self, sample: list, idx: np.ndarray) -> list[list[tuple]]:
         """Per background sample: the boxes of the blobs found against the current background."""
@@ -221,9 +247,11 @@ class FrontEnd:
             boxes.append([tuple(r) for r in fin[:, K.F_X0:K.F_Y1 + 1].astype(np.int64).tolist()])
         return boxes
 
-    def _masked_median(self, sample: list, boxes: list, fallback: np.ndarray) -> np.ndarray:
+    def _masked_median(self, sample: list, boxes: list,
+                       fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-pixel median of the samples, each without its blob boxes (grown by
-        ``roi_margin``); ``fallback`` where every sample was covered."""
+        ``roi_margin``), ``fallback`` where every sample was covered; and per pixel the
+        number of samples that were not covered."""
         stack = np.stack(sample).astype(np.float32)
         m = self._f.roi_margin
         for k, bx in enumerate(boxes):
@@ -232,7 +260,8 @@ class FrontEnd:
         with warnings.catch_warnings():          # pixels covered in every sample
             warnings.simplefilter("ignore", RuntimeWarning)
             bg = np.nanmedian(stack, axis=0)
-        return np.where(np.isnan(bg), fallback, bg).astype(np.float32)
+        n_free = np.sum(~np.isnan(stack), axis=0)
+        return np.where(np.isnan(bg), fallback, bg).astype(np.float32), n_free
 
     def reprime(self, images: Sequence[np.ndarray]) -> None:
         """Build the background afresh from ``images`` (as :meth:`prime`), keeping the geometry.
