@@ -212,7 +212,7 @@ class FrontEnd:
             boxes = self._sample_boxes(sample, idx)
             bg, n_free = self._masked_median(sample, boxes, bg)
             policy, warn = "median-masked-pixels", n_cells
-            uncertain = n_free < max(3, len(sample) // 10)
+            uncertain = n_free * 10 < len(sample)        # covered in more than 90 %
         sd = robust_noise_sd(free if free else sample, bg)
         self.set_background(bg, policy=policy, noise_sd=sd)
         self.bg.prime_frames = len(sample)
@@ -221,11 +221,14 @@ class FrontEnd:
             self._report_uncertain(uncertain)
 
     def _report_uncertain(self, uncertain: np.ndarray) -> None:
-        """Record (and log) the pixels that blobs covered in more than 90 % of the priming
-        samples: their background is a guess (a queue of cells that never clears, or stuck
-        debris), and cells there may be missed or merged with it for as long as it lasts,
-        since the running mean leaves blobs out. Fewer than ``min_area`` such pixels are
-        noise and are not reported."""
+        """Record (and log) the pixels that blob boxes (grown by ``roi_margin``, as the
+        masked median leaves them out) covered in more than 90 % of the priming samples:
+        their background is a guess (a queue of cells that never clears; or, with few
+        samples, an estimate that went wrong there and made blobs of the empty samples
+        too), and cells there
+        may be missed or merged with it for as long as it lasts, since the running mean
+        leaves blobs out. Fewer than ``min_area`` such pixels are noise and are not
+        reported."""
         n = int(uncertain.sum())
         if n < self._f.min_area:
             return
@@ -233,10 +236,11 @@ class FrontEnd:
         box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         self.bg.uncertain_px = n
         self.bg.uncertain_box = box
-        log.warning("background: %d px in x %d-%d, y %d-%d were covered by cells in more "
-                    "than 90 %% of the %d priming samples, so their background is a guess "
-                    "and cells there may be missed; pass an image of the empty channel as "
-                    "--background IMAGE", n, box[0], box[2], box[1], box[3],
+        log.warning("background: %d px in x %d-%d, y %d-%d were inside blobs in more "
+                    "than 90 %% of the %d priming samples (cells that never left, or a "
+                    "background estimate that is wrong there), so their background is a "
+                    "guess and cells there may be missed; pass an image of the empty "
+                    "channel as --background IMAGE", n, box[0], box[2], box[1], box[3],
                     self.bg.prime_frames)
 
     def _sample_boxes(self, sample: list, idx: np.ndarray) -> list[list[tuple]]:
