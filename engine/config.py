@@ -99,7 +99,7 @@ class FrontEndConfig:
                              "frames are stuck debris and dropped (0: keep all)")
     fill_holes: bool = opt(False, help="fill holes in blobs (a cell centre as bright as the "
                            "background), as dclab's masks")
-    split_area_factor: float = opt(1.5, lo=0, help="blobs above this x the typical blob area "
+    split_area_factor: float = opt(1.25, lo=0, help="blobs above this x the typical blob area "
                                    "are cut at a narrow neck (touching cells; 0: never)")
     split_neck_ratio: float = opt(0.6, lo=0, hi=1, help="a neck is narrower than this x the "
                                   "blob's extent on both sides")
