@@ -225,10 +225,9 @@ class FrontEnd:
         masked median leaves them out) covered in more than 90 % of the priming samples:
         their background is a guess (a queue of cells that never clears; or, with few
         samples, an estimate that went wrong there and made blobs of the empty samples
-        too), and cells there
-        may be missed or merged with it for as long as it lasts, since the running mean
-        leaves blobs out. Fewer than ``min_area`` such pixels are noise and are not
-        reported."""
+        too), and cells there may be missed or merged with it for as long as it lasts,
+        since the running mean leaves blobs out. Fewer than ``min_area`` such pixels are
+        noise and are not reported."""
         n = int(uncertain.sum())
         if n < self._f.min_area:
             return
