@@ -722,8 +722,6 @@ def neck_runs(runs, nrr, run_label, L, bx0, by0, bw, bh, ratio, where):
     last_y = np.full(bw, -1, np.int64)
     first_x = np.full(bh, bw, np.int64)
     last_x = np.full(bh, -1, np.int64)
-    first_d = np.full((2, bw + bh - 1), bw, np.int64)      # the diagonal lines
-    last_d = np.full((2, bw + bh - 1), -1, np.int64)
     for r in range(nrr):
         if run_label[r] != L:
             continue
@@ -739,13 +737,23 @@ def neck_runs(runs, nrr, run_label, L, bx0, by0, bw, bh, ratio, where):
                 first_y[xx] = yy
             if yy > last_y[xx]:
                 last_y[xx] = yy
-            _diag_add(first_d, last_d, xx, yy, bh)
     for xx in range(bw):
         ext_x[xx] = last_y[xx] - first_y[xx] + 1 if last_y[xx] >= 0 else 0
     for yy in range(bh):
         ext_y[yy] = last_x[yy] - first_x[yy] + 1 if last_x[yy] >= 0 else 0
-    ext_d = _diag_extents(first_d, last_d)
-    axis, cut = _deepest_neck(ext_x, ext_y, ext_d[0], ext_d[1], 0, bw - 1, 0, bh - 1, ratio)
+    none = np.zeros(0, np.int64)
+    axis, cut = _deepest_neck(ext_x, ext_y, none, none, 0, bw - 1, 0, bh - 1, ratio)
+    if axis < 0:
+        # the diagonals only now (a second pass): most cut blobs have a neck across x or y
+        first_d = np.full((2, bw + bh - 1), bw, np.int64)
+        last_d = np.full((2, bw + bh - 1), -1, np.int64)
+        for r in range(nrr):
+            if run_label[r] == L:
+                for xx in range(runs[r, 1] - bx0, runs[r, 2] - bx0):
+                    _diag_add(first_d, last_d, xx, runs[r, 0] - by0, bh)
+        ext_d = _diag_extents(first_d, last_d)
+        axis, cut = _deepest_neck(ext_x, ext_y, ext_d[0], ext_d[1], 0, bw - 1, 0, bh - 1,
+                                  ratio)
     if axis < 0:
         return False
     where[0] = axis
